@@ -1,0 +1,1 @@
+"""moe_kernels: Pallas kernels for expert compute (installed from kernels/)."""

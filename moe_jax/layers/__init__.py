@@ -1,0 +1,1 @@
+"""Flax Linen layers: MoE layer, experts, transformer LM."""

@@ -1,0 +1,1 @@
+"""Pure ops: grouped matmul."""

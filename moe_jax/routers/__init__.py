@@ -1,0 +1,1 @@
+"""Built-in routers; importing this package registers them."""
