@@ -1,1 +1,68 @@
-"""moe_kernels: Pallas kernels for expert compute (installed from kernels/)."""
+"""moe_kernels: Pallas kernels for expert compute (installed from kernels/).
+
+Importing this package registers grouped-matmul implementations with
+``moe_jax.ops.grouped_matmul``:
+
+- ``pallas_triton``: Pallas (Triton backend) gmm/tgmm with a custom VJP; GPU only,
+  first choice of ``impl="auto"`` on GPU.
+- ``pallas_triton_interpret``: the same kernels through the Pallas interpreter;
+  runs anywhere, slowly. For tests; never chosen by ``auto``.
+- ``megablox``: jax's Mosaic TPU gmm/tgmm; TPU only, first choice on TPU.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from moe_kernels import gmm as _gmm_lib
+from moe_kernels import tpu as _tpu
+
+_FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def _dtype_reason(x, w):
+  if x.dtype != w.dtype:
+    return f"x and w must share a dtype (got {x.dtype} and {w.dtype})"
+  if jnp.dtype(x.dtype) not in _FLOAT_DTYPES:
+    return f"dtype {x.dtype} is not one of bfloat16, float16, float32"
+  return None
+
+
+def _triton_reason(x, w, platform):
+  if platform != "gpu":
+    return (f"needs a GPU (Pallas Triton backend), running on {platform!r}; "
+            "use 'pallas_triton_interpret' to run the kernels on CPU")
+  return _dtype_reason(x, w)
+
+
+def _interpret_reason(x, w, platform):
+  del platform
+  return _dtype_reason(x, w)
+
+
+def _megablox_reason(x, w, platform):
+  if platform != "tpu":
+    return f"needs a TPU (megablox is a Mosaic TPU kernel), running on {platform!r}"
+  if not _tpu.available():
+    return "jax.experimental.pallas.ops.tpu.megablox is not importable"
+  return _dtype_reason(x, w)
+
+
+def _register():
+  try:
+    from moe_jax.ops import grouped_matmul as op  # pylint: disable=g-import-not-at-top
+  except ImportError:  # kernels used without moe_jax
+    return
+  op.register_impl(op.GmmImpl(
+      "pallas_triton",
+      lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt), _triton_reason),
+      prefer_on=("gpu",))
+  op.register_impl(op.GmmImpl(
+      "pallas_triton_interpret",
+      lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, interpret=True),
+      _interpret_reason))
+  op.register_impl(op.GmmImpl(
+      "megablox", lambda x, w, gs, dt: _tpu.gmm(x, w, gs, dt), _megablox_reason),
+      prefer_on=("tpu",))
+
+
+_register()

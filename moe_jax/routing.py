@@ -110,6 +110,9 @@ class RouterDef:
   needs_bias: bool = False
   causal: bool = True                   # False: a token's route depends on later tokens
   doc: str = ""
+  # Checks the router's fields of a RouterConfig; raises ValueError naming
+  # the offending config field. Called from config validation.
+  validate: Optional[Callable[[RouterConfig], None]] = None
 
 
 ROUTERS: dict[str, RouterDef] = {}

@@ -1,0 +1,70 @@
+"""Tile schedules for grouped matmuls over contiguous, ragged row groups.
+
+A forward (or input-gradient) gmm walks the rows of ``x`` in fixed row tiles
+of ``tm`` rows. A row tile that straddles a group boundary is visited once per
+group it touches; each visit multiplies the whole tile by that group's weights
+and stores only that group's rows, so visits of one tile never write the same
+row. Rows past ``sum(group_sizes)`` form a tail "group" ``E`` whose visits
+store zeros. With G non-empty groups the number of visits is at most
+``cdiv(M, tm) + G``; the grid is sized for the static bound
+``cdiv(M, tm) + E`` and the unused visits at the end do nothing.
+
+Everything here is plain jnp so it runs inside ``jit`` before the kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSchedule:
+  tile_group: jax.Array   # [T] int32: group of visit t (E = zero tail, E+1 = no-op)
+  tile_block: jax.Array   # [T] int32: row-tile index of visit t
+  group_start: jax.Array  # [E+2] int32: first row of each group (tail, no-op last)
+  group_end: jax.Array    # [E+2] int32: one past the last row
+
+  @property
+  def num_visits(self) -> int:
+    return self.tile_group.shape[0]
+
+
+def group_bounds(group_sizes: jax.Array, num_rows: int):
+  """Start and end rows of each group, clipped to ``num_rows``."""
+  sizes = group_sizes.astype(jnp.int32)
+  ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  return starts, ends
+
+
+def max_visits(num_rows: int, num_groups: int, tm: int) -> int:
+  return pl_cdiv(num_rows, tm) + num_groups
+
+
+def pl_cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def make_schedule(group_sizes: jax.Array, num_rows: int, tm: int) -> GroupSchedule:
+  num_groups = group_sizes.shape[0]
+  starts, ends = group_bounds(group_sizes, num_rows)
+  total = ends[-1]
+  # Append the zero tail [total, M) and a no-op group with an empty range.
+  starts = jnp.concatenate([starts, jnp.stack([total, jnp.int32(0)])])
+  ends = jnp.concatenate([ends, jnp.stack([jnp.int32(num_rows), jnp.int32(0)])])
+  sizes = ends - starts
+  first = starts // tm
+  last = (ends - 1) // tm
+  visits = jnp.where(sizes > 0, last - first + 1, 0)
+  cum = jnp.cumsum(visits)
+  offset = cum - visits
+  t = jnp.arange(max_visits(num_rows, num_groups, tm), dtype=jnp.int32)
+  group = jnp.searchsorted(cum, t, side="right").astype(jnp.int32)
+  group = jnp.minimum(group, num_groups + 1)  # past the last visit: no-op
+  block = jnp.where(group <= num_groups,
+                    first[jnp.minimum(group, num_groups)] + t - offset[jnp.minimum(group, num_groups)],
+                    0)
+  return GroupSchedule(group, block.astype(jnp.int32), starts.astype(jnp.int32),
+                       ends.astype(jnp.int32))

@@ -1,0 +1,111 @@
+"""Stacked expert parameters [E, ...] applied to an expert-grouped buffer.
+
+Every matmul goes through ``grouped_matmul``, so the implementation (XLA
+ragged_dot, Pallas kernels, the reference) is a config choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.ops.grouped_matmul import grouped_matmul
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": jax.nn.gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation_by_name(name: str, field: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"{field}={name!r}; allowed: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertKind:
+  """A feed-forward expert: which weight stacks it has and how it combines them."""
+  weights: tuple[str, ...]     # names of [E, d, f] (in) and [E, f, d] (out) stacks
+  gated: bool
+
+
+EXPERT_KINDS = {
+    "swiglu": ExpertKind(weights=("w_gate", "w_up", "w_down"), gated=True),
+    "mlp": ExpertKind(weights=("w_in", "w_out"), gated=False),
+}
+
+
+def expert_init(in_axis: int = 1, out_axis: int = 2):
+  # fan-in scaling per expert: axis 0 indexes experts, not inputs.
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis, batch_axis=(0,))
+
+
+class Experts(nn.Module):
+  """E feed-forward experts over rows grouped by expert (``group_sizes``)."""
+  num_experts: int
+  d_hidden: int
+  kind: str = "swiglu"
+  activation: str = "gelu"          # for kind="mlp"; SwiGLU always uses silu
+  gmm_impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    if self.kind not in EXPERT_KINDS:
+      raise ValueError(f"model.moe.expert_kind={self.kind!r}; allowed: {sorted(EXPERT_KINDS)}")
+    d_model = x.shape[-1]
+    e, f = self.num_experts, self.d_hidden
+
+    def stack(name, shape, axes):
+      init = nn.with_logical_partitioning(expert_init(), axes)
+      return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+    def gmm(lhs, w):
+      return grouped_matmul(lhs, w, group_sizes, impl=self.gmm_impl)
+
+    x = x.astype(self.dtype)
+    in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+    if EXPERT_KINDS[self.kind].gated:
+      gate = gmm(x, stack("w_gate", (e, d_model, f), in_axes))
+      up = gmm(x, stack("w_up", (e, d_model, f), in_axes))
+      hidden = jax.nn.silu(gate) * up
+      return gmm(hidden, stack("w_down", (e, f, d_model), out_axes))
+    act = activation_by_name(self.activation, "model.moe.activation")
+    hidden = act(gmm(x, stack("w_in", (e, d_model, f), in_axes)))
+    return gmm(hidden, stack("w_out", (e, f, d_model), out_axes))
+
+
+class DenseMlp(nn.Module):
+  """A dense SwiGLU/MLP feed-forward block (dense layers and shared experts)."""
+  d_hidden: int
+  kind: str = "swiglu"
+  activation: str = "gelu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d_model = x.shape[-1]
+
+    def dense(name, features, axes):
+      return nn.DenseGeneral(
+          features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+          name=name)
+
+    if self.kind == "swiglu":
+      hidden = jax.nn.silu(dense("w_gate", self.d_hidden, ("embed", "mlp"))(x)) * dense(
+          "w_up", self.d_hidden, ("embed", "mlp"))(x)
+    elif self.kind == "mlp":
+      act = activation_by_name(self.activation, "model.activation")
+      hidden = act(dense("w_in", self.d_hidden, ("embed", "mlp"))(x))
+    else:
+      raise ValueError(f"feed-forward kind={self.kind!r}; allowed: {sorted(EXPERT_KINDS)}")
+    return dense("w_down" if self.kind == "swiglu" else "w_out", d_model, ("mlp", "embed"))(hidden)

@@ -1,0 +1,150 @@
+"""The MoE feed-forward layer: router -> dispatch plan -> experts -> combine.
+
+Collections the layer uses besides ``params``:
+  ``router_state``  persistent non-trained state (the sigmoid_topk bias), updated
+                    in place when the collection is mutable during training.
+  ``moe``           sown per call: ``aux_loss`` (coefficient-weighted sum) and
+                    ``metrics`` (diagnostics, see ``routing_diagnostics``).
+RNG stream ``router``: jitter, router noise, Gumbel samples (training only).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax.layers.experts import DenseMlp, Experts
+from moe_jax.routing import (Routing, RouterConfig, RouterInputs, expert_load_fraction,
+                             get_router, router_config_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  num_experts: int = 8
+  d_expert: int = 256
+  expert_kind: str = "swiglu"
+  activation: str = "gelu"
+  dispatch: str = "dropless"
+  capacity_factor_train: float = 1.25
+  capacity_factor_eval: float = 2.0
+  num_shared_experts: int = 0
+  d_shared: int = 0                  # hidden width of each shared expert; 0 = d_expert
+  gmm_impl: str = "auto"
+  router: RouterConfig = RouterConfig()
+
+
+def moe_config_from(cfg: Any) -> MoeConfig:
+  """Builds a MoeConfig from ``config.model.moe`` (ConfigDict or dict)."""
+  values = dict(cfg)
+  names = {f.name for f in dataclasses.fields(MoeConfig)}
+  router = router_config_from(values.pop("router", {}), values.get("num_experts", 8))
+  return MoeConfig(router=router, **{k: v for k, v in values.items() if k in names})
+
+
+def aux_loss_coefficients(cfg: RouterConfig) -> dict[str, float]:
+  return {
+      "load_balance": cfg.load_balance_coef,
+      "z_loss": cfg.z_loss_coef,
+      "importance": cfg.importance_coef,
+      "load": cfg.load_coef,
+  }
+
+
+def routing_diagnostics(routing: Routing, plan: dispatch_lib.DispatchPlan) -> dict[str, jax.Array]:
+  """Per-layer router health: load per expert, balance, entropy, drops, sparsity."""
+  load = expert_load_fraction(routing)
+  probs = routing.router_probs
+  entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-9, 1.0)), axis=-1)
+  metrics = {
+      "expert_load": load,
+      "load_max_over_mean": jnp.max(load) * routing.num_experts,
+      "router_entropy": jnp.mean(entropy),
+      "dropped_fraction": plan.dropped_fraction.astype(jnp.float32),
+      "active_experts_per_token": jnp.mean(jnp.sum(routing.mask, axis=-1).astype(jnp.float32)),
+  }
+  metrics.update({name: jnp.asarray(v, jnp.float32) for name, v in routing.metrics.items()})
+  metrics.update({f"aux/{name}": jnp.asarray(v, jnp.float32)
+                  for name, v in routing.aux_losses.items()})
+  return metrics
+
+
+class MoeLayer(nn.Module):
+  """Sparse MoE feed-forward block over x [B, L, d]."""
+  cfg: MoeConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _router_inputs(self, x_tokens, token_ids, step, definition, train):
+    cfg = self.cfg
+    router_x = x_tokens.astype(jnp.float32)
+    if train and cfg.router.jitter_eps > 0:
+      eps = cfg.router.jitter_eps
+      router_x = router_x * jax.random.uniform(
+          self.make_rng("router"), router_x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+    d_model, num_experts = x_tokens.shape[-1], cfg.num_experts
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "router"))
+
+    def project(name):
+      w = self.param(name, init, (d_model, num_experts), jnp.float32)
+      return jnp.dot(router_x, w, precision=jax.lax.Precision.HIGHEST)
+
+    bias = None
+    if definition.needs_bias:
+      bias = self.variable("router_state", "bias", jnp.zeros, (num_experts,), jnp.float32).value
+    ids = None
+    if definition.needs_token_ids:
+      if token_ids is None:
+        raise ValueError(f"router {cfg.router.name!r} needs token ids; pass token_ids")
+      ids = token_ids.reshape(-1).astype(jnp.int32)
+    return RouterInputs(
+        logits=project("router") if definition.needs_logits else None,
+        noise_logits=project("router_noise") if definition.needs_noise_logits else None,
+        token_ids=ids, bias=bias,
+        step=jnp.asarray(0 if step is None else step, jnp.int32))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, token_ids: Optional[jax.Array] = None,
+               step: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+    cfg = self.cfg
+    batch, length, d_model = x.shape
+    x_tokens = x.reshape(batch * length, d_model)
+    definition = get_router(cfg.router.name)
+    inputs = self._router_inputs(x_tokens, token_ids, step, definition, train)
+    rng = self.make_rng("router") if train and self.has_rng("router") else None
+    routing = definition.fn(inputs, cfg.router, rng, train)
+
+    capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
+    plan = dispatch_lib.make_plan(routing, cfg.dispatch, capacity_factor)
+    buffer = dispatch_lib.dispatch(x_tokens.astype(self.dtype), plan)
+    buffer = nn.with_logical_constraint(buffer, ("activation_exp_rows", "activation_embed"))
+    expert_out = Experts(
+        num_experts=cfg.num_experts, d_hidden=cfg.d_expert, kind=cfg.expert_kind,
+        activation=cfg.activation, gmm_impl=cfg.gmm_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="experts")(buffer, plan.group_sizes)
+    y = dispatch_lib.combine(expert_out, plan, routing.combine_weight)
+    if cfg.num_shared_experts > 0:
+      d_shared = (cfg.d_shared or cfg.d_expert) * cfg.num_shared_experts
+      y = y + DenseMlp(d_shared, kind=cfg.expert_kind, activation=cfg.activation,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="shared_experts")(x_tokens.astype(self.dtype))
+
+    coefficients = aux_loss_coefficients(cfg.router)
+    unknown = set(routing.aux_losses) - set(coefficients)
+    if unknown:
+      raise ValueError(f"router {cfg.router.name!r} returned aux losses {sorted(unknown)} "
+                       f"with no coefficient; known: {sorted(coefficients)}")
+    aux_loss = sum((coefficients[n] * v for n, v in routing.aux_losses.items()),
+                   jnp.zeros((), jnp.float32))
+    metrics = routing_diagnostics(routing, plan)
+    self.sow("moe", "aux_loss", aux_loss)
+    self.sow("moe", "metrics", metrics)
+
+    if definition.needs_bias and train and self.is_mutable_collection("router_state"):
+      from moe_jax.routers.sigmoid_topk import update_bias  # pylint: disable=g-import-not-at-top
+      bias = self.variable("router_state", "bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
+      bias.value = update_bias(bias.value, metrics["expert_load"], cfg.router.bias_update_speed)
+    return y.reshape(batch, length, d_model).astype(x.dtype)

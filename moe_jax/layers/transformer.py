@@ -1,0 +1,152 @@
+"""Decoder-only transformer LM with MoE feed-forward blocks every N layers.
+
+Parameters carry logical axis names (vocab, embed, mlp, heads, kv, expert,
+router); activations are constrained with ``activation_*`` names. A rule
+table in the config maps both to mesh axes (see ``moe_jax.sharding``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers.experts import DenseMlp
+from moe_jax.layers.moe import MoeConfig, MoeLayer, moe_config_from
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512                   # dense feed-forward hidden width
+  ffn_kind: str = "swiglu"
+  moe_every: int = 2                # layer i is MoE when (i + 1) % moe_every == 0; 0 = no MoE
+  max_len: int = 512
+  rope_base: float = 10000.0
+  tie_embeddings: bool = True
+  dtype: str = "float32"            # activation dtype; parameters stay float32
+  moe: MoeConfig = MoeConfig()
+
+  @property
+  def activation_dtype(self):
+    return DTYPES[self.dtype]
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+
+def model_config_from(cfg: Any) -> ModelConfig:
+  values = dict(cfg)
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  moe = moe_config_from(values.pop("moe", {}))
+  return ModelConfig(moe=moe, **{k: v for k, v in values.items() if k in names})
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding over the last axis of x [B, L, H, D]."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None].astype(jnp.float32) * freq            # [B, L, half]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * scale).astype(self.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions):
+    cfg = self.cfg
+    dtype = cfg.activation_dtype
+
+    def proj(name, axes, features, axis=-1):
+      return nn.DenseGeneral(
+          features, axis=axis, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+          name=name)
+
+    heads = (cfg.num_heads, cfg.head_dim)
+    q = proj("query", ("embed", "heads", "kv"), heads)(x)
+    k = proj("key", ("embed", "heads", "kv"), heads)(x)
+    v = proj("value", ("embed", "heads", "kv"), heads)(x)
+    q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+    axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    q, k, v = (nn.with_logical_constraint(t, axes) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return proj("out", ("heads", "kv", "embed"), cfg.d_model, axis=(-2, -1))(out)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  use_moe: bool
+
+  @nn.compact
+  def __call__(self, x, positions, token_ids, step, train):
+    cfg = self.cfg
+    dtype = cfg.activation_dtype
+    act_axes = ("activation_batch", "activation_length", "activation_embed")
+    h = CausalSelfAttention(cfg, name="attention")(RMSNorm(dtype=dtype, name="attn_norm")(x),
+                                                   positions)
+    x = nn.with_logical_constraint(x + h, act_axes)
+    normed = RMSNorm(dtype=dtype, name="ffn_norm")(x)
+    if self.use_moe:
+      h = MoeLayer(cfg.moe, dtype=dtype, name="moe")(normed, token_ids, step, train)
+    else:
+      h = DenseMlp(cfg.d_ff, kind=cfg.ffn_kind, dtype=dtype, name="mlp")(normed)
+    return nn.with_logical_constraint(x + h, act_axes)
+
+
+class TransformerLM(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, step: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    """tokens int32 [B, L] -> logits float32 [B, L, vocab]."""
+    cfg = self.cfg
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype, param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        name="embed")
+    x = embed(tokens)
+    x = nn.with_logical_constraint(
+        x, ("activation_batch", "activation_length", "activation_embed"))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    for i in range(cfg.num_layers):
+      x = Block(cfg, use_moe=cfg.is_moe_layer(i), name=f"layer_{i}")(
+          x, positions, tokens, step, train)
+    x = RMSNorm(dtype=cfg.activation_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
+    else:
+      logits = nn.DenseGeneral(
+          cfg.vocab_size, use_bias=False, dtype=cfg.activation_dtype, param_dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                   ("embed", "vocab")),
+          name="unembed")(x)
+    logits = nn.with_logical_constraint(
+        logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits.astype(jnp.float32)
