@@ -154,7 +154,8 @@ class Corpus:
   heldout_files: int
   split_by: str  # "file" (hash of relative path) or "bytes" (tail held out).
 
-  def describe(self) -> str:
+  @property
+  def description(self) -> str:
     return (f"{self.source}; split by {self.split_by}: "
             f"train {self.train.size:,} bytes / {self.train_files} files, "
             f"held-out {self.heldout.size:,} bytes / {self.heldout_files} files")
@@ -178,6 +179,13 @@ def _split_by_file(files, heldout_permille):
   train = [d for rel, d in files if not _is_heldout(rel, heldout_permille)]
   heldout = [d for rel, d in files if _is_heldout(rel, heldout_permille)]
   return _concat(train), _concat(heldout), len(train), len(heldout)
+
+
+def _file_split_ok(split, heldout_permille: int, min_bytes: int) -> bool:
+  """Both sides usable, and held-out not swollen by a few large files."""
+  train, heldout = split[0].size, split[1].size
+  max_share = min(0.5, 3 * heldout_permille / 1000)
+  return min(train, heldout) >= min_bytes and heldout <= max_share * (train + heldout)
 
 
 def _split_by_bytes(files, heldout_permille, min_bytes):
@@ -228,9 +236,13 @@ def load_corpus(data_cfg: Any, seq_len: int | None = None) -> Corpus:
     data_cfg: ConfigDict / mapping / object with `path` (str; '' = default
       corpus), `max_bytes` (int; <= 0 = no limit; applies to user data too)
       and `heldout_permille` (int in [1, 999]).
-    seq_len: if given, both splits must hold at least one window of
-      `seq_len + 1` bytes: a file-hash split that leaves a side shorter than
-      that falls back to the byte split, which holds out at least that many.
+    seq_len: defaults to `data_cfg.seq_len` when that field exists. If set,
+      both splits must hold at least one window of `seq_len + 1` bytes.
+
+  Files are held out by hash of their relative path. That split is replaced
+  by the byte split (the tail of the concatenation is held out) for a single
+  file, or when a side is shorter than one window, or when a few large files
+  make the held-out share exceed min(50%, 3 * heldout_permille / 1000).
 
   Returns:
     The Corpus.
@@ -240,6 +252,7 @@ def load_corpus(data_cfg: Any, seq_len: int | None = None) -> Corpus:
       nothing usable was found, or a split is too small.
   """
   path = str(_field(data_cfg, "path", "") or "")
+  seq_len = seq_len or _field(data_cfg, "seq_len", None)
   max_bytes = int(_field(data_cfg, "max_bytes", 0) or 0)
   heldout_permille = int(_field(data_cfg, "heldout_permille", 50))
   if not 0 < heldout_permille < 1000:
@@ -259,7 +272,7 @@ def load_corpus(data_cfg: Any, seq_len: int | None = None) -> Corpus:
   split_by, split = "file", None
   if not single_file:
     split = _split_by_file(files, heldout_permille)
-  if split is None or min(split[0].size, split[1].size) < min_bytes:
+  if split is None or not _file_split_ok(split, heldout_permille, min_bytes):
     split_by = "bytes"
     split = _split_by_bytes(files, heldout_permille, min_bytes)
   train, heldout, n_train, n_heldout = split

@@ -70,19 +70,20 @@ def test_default_corpus_files_deterministic_and_bounded():
       data.default_corpus_files(20_000))]
 
 
-def test_default_corpus_split_by_file():
-  corpus = data.load_corpus(_cfg(max_bytes=400_000), seq_len=SEQ_LEN)
-  assert corpus.split_by == "file"
+def test_default_corpus_split():
+  cfg = _cfg(max_bytes=400_000)
+  corpus = data.load_corpus(cfg, seq_len=SEQ_LEN)
   assert corpus.train.dtype == np.uint8 and corpus.heldout.dtype == np.uint8
-  assert corpus.train.size > 0 and corpus.heldout.size > 0
+  assert corpus.train.size > SEQ_LEN and corpus.heldout.size > SEQ_LEN
   assert corpus.train_files > 0 and corpus.heldout_files > 0
-  # Separators between files, none at the end.
-  assert corpus.train.size + corpus.heldout.size == 400_000 + len(
-      data.SEPARATOR) * (corpus.train_files + corpus.heldout_files - 2)
-  again = data.load_corpus(_cfg(max_bytes=400_000), seq_len=SEQ_LEN)
+  num_files = len(data.default_corpus_files(400_000))
+  separators = len(data.SEPARATOR) * (num_files - 1)
+  assert 400_000 <= corpus.train.size + corpus.heldout.size <= (
+      400_000 + separators)
+  again = data.load_corpus(cfg, seq_len=SEQ_LEN)
   np.testing.assert_array_equal(corpus.train, again.train)
   np.testing.assert_array_equal(corpus.heldout, again.heldout)
-  assert "stdlib" in corpus.source
+  assert "stdlib" in corpus.source and "split by" in corpus.description
 
 
 def test_config_may_be_a_plain_dict():
@@ -139,15 +140,17 @@ def test_max_bytes_applies_to_user_data(tmp_path):
   assert corpus.train.size + corpus.heldout.size == 1000
 
 
-def test_tiny_heldout_file_falls_back_to_byte_split(tmp_path):
-  # Whichever files hash to held-out are 1 byte: too small for a window.
+@pytest.mark.parametrize("heldout_size", [1, 20_000])
+def test_unbalanced_file_split_falls_back_to_byte_split(tmp_path, heldout_size):
+  # The files that hash to held-out are too small for a window / too large.
   for i in range(30):
     name = f"f{i}.txt"
-    small = zlib.crc32(name.encode()) % 1000 < 100
-    (tmp_path / name).write_text("x" if small else _text(i))
+    held = zlib.crc32(name.encode()) % 1000 < 100
+    (tmp_path / name).write_text(_text(i, heldout_size if held else 300))
   corpus = data.load_corpus(_cfg(tmp_path, 0, 100), seq_len=SEQ_LEN)
   assert corpus.split_by == "bytes"
-  assert corpus.heldout.size >= SEQ_LEN + 1
+  total = corpus.train.size + corpus.heldout.size
+  assert corpus.heldout.size == max(SEQ_LEN + 1, total // 10)
 
 
 @pytest.mark.parametrize("make", ["empty_dir", "binary_only", "tiny_file"])
@@ -159,6 +162,14 @@ def test_empty_corpus_names_data_path(tmp_path, make):
   with pytest.raises(ValueError, match=r"data\.path") as info:
     data.load_corpus(_cfg(tmp_path), seq_len=SEQ_LEN)
   assert "found" in str(info.value)
+
+
+def test_seq_len_read_from_data_config(tmp_path):
+  (tmp_path / "x.txt").write_text("y" * 100)
+  cfg = _cfg(tmp_path)
+  cfg.seq_len = 64  # Needs 2 * 65 bytes.
+  with pytest.raises(ValueError, match=r"data\.path.*100 bytes"):
+    data.load_corpus(cfg)
 
 
 def test_missing_path_names_data_path(tmp_path):

@@ -63,7 +63,8 @@ def test_z_loss_mixed_rows():
   # Row 1: log(e^0 + e^log 3) = log 4. Row 2: log(2 e^1) = 1 + log 2.
   # mean((log 4)^2, (1 + log 2)^2) = (1.921812 + 2.866747) / 2 = 2.394280
   logits = jnp.array([[0.0, math.log(3.0)], [1.0, 1.0]])
-  assert float(losses.router_z_loss(logits)) == pytest.approx(2.394280, rel=1e-5)
+  got = float(losses.router_z_loss(logits))
+  assert got == pytest.approx(2.394280, rel=1e-5)
 
 
 @pytest.mark.parametrize("x, expected", [
@@ -73,7 +74,8 @@ def test_z_loss_mixed_rows():
     ([0.0, 0.0], 0.0),          # eps keeps 0/0 finite
 ])
 def test_cv_squared(x, expected):
-  assert float(losses.cv_squared(jnp.array(x))) == pytest.approx(expected, abs=1e-6)
+  got = float(losses.cv_squared(jnp.array(x)))
+  assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_importance_loss():

@@ -36,6 +36,7 @@ def test_log_writes_jsonl_and_tensorboard(tmp_path):
                    "moe/layer_1/expert_load": np.array([0.25, 0.75])})
     logger.log_scalars(2, {"loss": 2.0, "tokens": np.int64(7)})
   records = _read_lines(tmp_path / "metrics.jsonl")
+  assert records[1].pop("perf/tokens_per_sec") > 0  # From the 2nd log on.
   assert records == [
       {"step": 1, "loss": 2.5, "lr": 1e-3,
        "moe/layer_1/expert_load": [0.25, 0.75]},
@@ -45,6 +46,22 @@ def test_log_writes_jsonl_and_tensorboard(tmp_path):
   scalars = _read_tb_scalars(tmp_path / "tensorboard")
   assert scalars["loss"] == [(1, 2.5), (2, 2.0)]
   assert scalars["moe/layer_1/expert_load/1"] == [(1, 0.75)]
+
+
+def test_log_returns_rate_from_timer(tmp_path):
+  now = [0.0]
+  with metric_logging.MetricLogger(tmp_path, 100, 512,
+                                   is_chief=False) as logger:
+    logger.timer = metric_logging.StepTimer(100, 512, clock=lambda: now[0])
+    assert logger.log(10, {"loss": 1.0}) == (None, None)  # Baseline.
+    now[0] = 5.0
+    rate = logger.log(20, {"loss": 1.0})
+    assert rate.tokens_per_sec == pytest.approx(512 * 10 / 5.0)
+    assert rate.eta_seconds == pytest.approx(80 * 0.5)
+    now[0] = 65.0  # A slow eval, logged at the same step, is not counted.
+    assert logger.log(20, {"eval/loss": 1.0}) == (None, None)
+    now[0] = 70.0
+    assert logger.log(30, {"loss": 1.0}).tokens_per_sec == pytest.approx(1024)
 
 
 def test_log_accepts_jax_arrays(tmp_path):

@@ -49,7 +49,8 @@ def test_zero_anneal_steps_starts_at_tau_min():
 
 
 def test_unknown_schedule_names_field_and_choices():
-  with pytest.raises(ValueError, match=r"model\.moe\.router\.tau_schedule") as e:
+  field = r"model\.moe\.router\.tau_schedule"
+  with pytest.raises(ValueError, match=field) as e:
     schedules.temperature(jnp.int32(0), _cfg(tau_schedule="cosine"))
   assert "linear" in str(e.value) and "exponential" in str(e.value)
 

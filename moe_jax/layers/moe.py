@@ -78,7 +78,7 @@ class MoeLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _router_inputs(self, x_tokens, token_ids, step, definition, train):
+  def _router_inputs(self, x_tokens, token_ids, step, definition, bias, train):
     cfg = self.cfg
     router_x = x_tokens.astype(jnp.float32)
     if train and cfg.router.jitter_eps > 0:
@@ -92,9 +92,6 @@ class MoeLayer(nn.Module):
       w = self.param(name, init, (d_model, num_experts), jnp.float32)
       return jnp.dot(router_x, w, precision=jax.lax.Precision.HIGHEST)
 
-    bias = None
-    if definition.needs_bias:
-      bias = self.variable("router_state", "bias", jnp.zeros, (num_experts,), jnp.float32).value
     ids = None
     if definition.needs_token_ids:
       if token_ids is None:
@@ -113,7 +110,11 @@ class MoeLayer(nn.Module):
     batch, length, d_model = x.shape
     x_tokens = x.reshape(batch * length, d_model)
     definition = get_router(cfg.router.name)
-    inputs = self._router_inputs(x_tokens, token_ids, step, definition, train)
+    bias = None
+    if definition.needs_bias:
+      bias = self.variable("router_state", "bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
+    inputs = self._router_inputs(x_tokens, token_ids, step, definition,
+                                 None if bias is None else bias.value, train)
     rng = self.make_rng("router") if train and self.has_rng("router") else None
     routing = definition.fn(inputs, cfg.router, rng, train)
 
@@ -143,8 +144,7 @@ class MoeLayer(nn.Module):
     self.sow("moe", "aux_loss", aux_loss)
     self.sow("moe", "metrics", metrics)
 
-    if definition.needs_bias and train and self.is_mutable_collection("router_state"):
+    if bias is not None and train and self.is_mutable_collection("router_state"):
       from moe_jax.routers.sigmoid_topk import update_bias  # pylint: disable=g-import-not-at-top
-      bias = self.variable("router_state", "bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
       bias.value = update_bias(bias.value, metrics["expert_load"], cfg.router.bias_update_speed)
     return y.reshape(batch, length, d_model).astype(x.dtype)

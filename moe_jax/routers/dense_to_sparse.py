@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from moe_jax import schedules
 from moe_jax.routers import _common
-from moe_jax.routing import RouterConfig, RouterDef, RouterInputs, Routing, register_router
+from moe_jax.routing import (
+    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
 
 _NAME = "dense_to_sparse"
 
@@ -37,7 +38,8 @@ def validate(cfg: RouterConfig) -> None:
   schedules.validate(cfg)
   if not 0.0 <= cfg.gate_threshold < 1.0:
     raise ValueError(
-        f"model.moe.router.gate_threshold={cfg.gate_threshold} must be in [0, 1)")
+        f"model.moe.router.gate_threshold={cfg.gate_threshold} must be in "
+        "[0, 1)")
 
 
 def gate_routing(scores: jax.Array, logits: jax.Array, inputs: RouterInputs,
@@ -54,7 +56,8 @@ def gate_routing(scores: jax.Array, logits: jax.Array, inputs: RouterInputs,
     rng = _common.require_rng(rng, name)
     scores = scores + jax.random.gumbel(rng, scores.shape, jnp.float32)
   gates = jax.nn.softmax(scores / tau, axis=-1)
-  top1 = jax.nn.one_hot(jnp.argmax(gates, axis=-1), num_experts, dtype=jnp.bool_)
+  top1 = jax.nn.one_hot(
+      jnp.argmax(gates, axis=-1), num_experts, dtype=jnp.bool_)
   mask = (gates > cfg.gate_threshold) | top1
   mask = jnp.where(schedules.is_hard_top1(step, cfg), top1, mask)
   weights = jnp.where(mask, gates, 0.0)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.routers import _common
-from moe_jax.routing import RouterConfig, RouterDef, RouterInputs, Routing, register_router
+from moe_jax.routing import (
+    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
 
 _NAME = "hash"
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads seeds over uint32
@@ -34,7 +35,8 @@ def _mix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> np.uint32(16))
 
 
-def hash_experts(token_ids: jax.Array, num_experts: int, seed: int) -> jax.Array:
+def hash_experts(token_ids: jax.Array, num_experts: int,
+                 seed: int) -> jax.Array:
   """int32 expert of each token id, in [0, num_experts)."""
   offset = np.uint32((seed * _GOLDEN) % (1 << 32))
   h = _mix32(token_ids.astype(jnp.uint32) + offset)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from moe_jax import losses
 from moe_jax.routers import _common
-from moe_jax.routing import RouterConfig, RouterDef, RouterInputs, Routing, register_router
+from moe_jax.routing import (
+    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
 
 _NAME = "noisy_topk"
 
@@ -39,7 +40,8 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
   noise_std = jax.nn.softplus(noise_logits)
   if train:
     rng = _common.require_rng(rng, _NAME)
-    scores = logits + jax.random.normal(rng, logits.shape, jnp.float32) * noise_std
+    noise = jax.random.normal(rng, logits.shape, jnp.float32)
+    scores = logits + noise * noise_std
   else:
     scores = logits
   kept, index = jax.lax.top_k(scores, k)
@@ -47,9 +49,8 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
   index = index.astype(jnp.int32)
   mask = jnp.ones(index.shape, jnp.bool_)
   probs = jax.nn.softmax(scores, axis=-1)
-  gates = jnp.sum(
-      jax.nn.one_hot(index, num_experts, dtype=jnp.float32) * weights[..., None],
-      axis=1)
+  onehot = jax.nn.one_hot(index, num_experts, dtype=jnp.float32)
+  gates = jnp.sum(onehot * weights[..., None], axis=1)        # [T, E]
   aux = _common.logit_aux_losses(logits, probs, index, mask)
   aux["importance"] = losses.importance_loss(gates)
   aux["load"] = losses.load_loss(logits, scores, noise_std, k)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routers import _common
-from moe_jax.routing import RouterConfig, RouterDef, RouterInputs, Routing, register_router
+from moe_jax.routing import (
+    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
 
 
 def validate(cfg: RouterConfig) -> None:

@@ -95,8 +95,9 @@ class _Run:
     total, count = 0.0, 0.0
     with self.context():
       for batch in data_lib.make_eval_batches(
-          self.corpus.heldout, self.config.data.seq_len, self.config.data.batch_size,
-          self.config.train.eval_batches):
+          self.corpus.heldout, self.config.data.seq_len, self.local_batch,
+          self.config.train.eval_batches, shard_index=jax.process_index(),
+          shard_count=jax.process_count()):
         out = jax.device_get(self.eval_step(state, self.global_batch(batch)))
         total, count = total + float(out["loss_sum"]), count + float(out["count"])
     loss = total / count

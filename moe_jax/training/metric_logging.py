@@ -19,7 +19,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -40,13 +40,22 @@ def _to_json_value(name: str, value: Any) -> Any:
   return array.tolist()  # Python float/int (0-D) or list of them (1-D).
 
 
+class Rate(NamedTuple):
+  """Throughput over the latest interval; None when there is none yet."""
+  tokens_per_sec: float | None
+  eta_seconds: float | None
+
+
 class StepTimer:
   """Tokens/s and ETA from the wall time between consecutive `update` calls.
 
   Rates come from the latest interval only, so a slow first interval (jit
   compilation) stops mattering after the next update. The first call only
-  sets the baseline and returns (None, None); call it once after the first
-  (compiling) step so that no reported interval contains compile time.
+  sets the baseline and returns Rate(None, None); call it once after the
+  first (compiling) step so that no reported interval contains compile time.
+  A call whose step is not past the previous one (e.g. eval metrics logged at
+  the same step) returns Rate(None, None) and only moves the baseline to now,
+  so time spent between the two calls (the eval) is not counted.
   """
 
   def __init__(self, total_steps: int, tokens_per_step: int,
@@ -56,16 +65,16 @@ class StepTimer:
     self._clock = clock
     self._last: tuple[int, float] | None = None
 
-  def update(self, step: int) -> tuple[float | None, float | None]:
-    """Returns (tokens_per_sec, eta_seconds) for the interval ending now."""
+  def update(self, step: int) -> Rate:
+    """Rate over the interval from the previous call to now."""
     now = self._clock()
     last, self._last = self._last, (step, now)
     if last is None or step <= last[0] or now <= last[1]:
-      return None, None
+      return Rate(None, None)
     seconds_per_step = (now - last[1]) / (step - last[0])
     tokens_per_sec = self._tokens_per_step / seconds_per_step
     eta = max(0, self._total_steps - step) * seconds_per_step
-    return tokens_per_sec, eta
+    return Rate(tokens_per_sec, eta)
 
 
 def _format_rate(tokens_per_sec: float | None) -> str:
@@ -151,13 +160,20 @@ class MetricLogger:
           flush_secs=30)
     return self._writer
 
-  def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Logs scalars / 1-D arrays (numpy, jax, lists) / strings for `step`."""
-    if not self.is_chief:
-      return
+  def log(self, step: int, metrics: Mapping[str, Any]) -> Rate:
+    """Logs scalars / 1-D arrays (numpy, jax, lists) / strings for `step`.
+
+    Also ticks `self.timer` (on every process) and returns its Rate; when
+    known, the rate is logged too, as `perf/tokens_per_sec`.
+    """
     step = int(step)
+    rate = self.timer.update(step)
+    if not self.is_chief:
+      return rate
     record = {"step": step}
     record.update((k, _to_json_value(k, v)) for k, v in metrics.items())
+    if rate.tokens_per_sec is not None:
+      record["perf/tokens_per_sec"] = rate.tokens_per_sec
     writer = self._tb_writer()
     for name, value in record.items():
       if name == "step" or isinstance(value, str):
@@ -170,15 +186,9 @@ class MetricLogger:
     f = self._jsonl_file()
     f.write(json.dumps(record) + "\n")
     f.flush()
+    return rate
 
   log_scalars = log
-
-  def progress_line(self, step: int, loss: float,
-                    extra: Mapping[str, Any] | None = None) -> str:
-    """`format_progress` with tokens/s and ETA from this logger's timer."""
-    tokens_per_sec, eta = self.timer.update(step)
-    return format_progress(step, self.total_steps, loss, tokens_per_sec, eta,
-                           extra)
 
   def truncate_after(self, step: int) -> None:
     """Keeps only JSONL records with step <= `step`; purges later TB events.

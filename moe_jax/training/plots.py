@@ -69,7 +69,7 @@ def plot_expert_load(metrics_jsonl_path: str | os.PathLike[str],
     ax.set_ylabel("fraction of assignments")
     ax.set_ylim(bottom=0)
     if num_experts <= 16:
-      ax.legend(fontsize="x-small", ncol=2, loc="upper right")
+      ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
   for ax in axes[len(series):]:
     ax.set_visible(False)
   fig.savefig(out_png_path, dpi=100)

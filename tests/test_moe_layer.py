@@ -1,0 +1,178 @@
+"""The MoE layer, every router x dispatch, against a loop over experts.
+
+The reference runs the same router function, then loops over experts with a
+dense SwiGLU per expert over all tokens, keeping the slots that capacity
+allows (first choices first, then token order). Outputs and gradients with
+respect to every parameter (router included) must match.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax.layers.moe import MoeConfig, MoeLayer
+from moe_jax.routing import RouterConfig, RouterInputs, get_router, known_routers
+
+D_MODEL, D_EXPERT, E = 8, 6, 4
+ROUTER_OVERRIDES = {
+    "topk": dict(top_k=2),
+    "noisy_topk": dict(top_k=2),
+    "sigmoid_topk": dict(top_k=2, num_groups=2, topk_groups=1),
+    "expert_choice": dict(expert_capacity_factor=1.5),
+    "dense_to_sparse": dict(tau_max=1.0, tau_min=0.5, anneal_steps=10, gate_threshold=0.2),
+    "activation_dense_to_sparse": dict(tau_max=1.0, tau_min=0.5, anneal_steps=10,
+                                       gate_threshold=0.2, activation="tanh"),
+    "hash": dict(top_k=1),
+}
+
+
+def make_cfg(router, dispatch, capacity_factor=1.0, shared=0, kind="swiglu"):
+  rc = RouterConfig(name=router, num_experts=E, **ROUTER_OVERRIDES.get(router, {}))
+  return MoeConfig(num_experts=E, d_expert=D_EXPERT, expert_kind=kind, dispatch=dispatch,
+                   capacity_factor_train=capacity_factor, capacity_factor_eval=capacity_factor,
+                   num_shared_experts=shared, gmm_impl="reference", router=rc)
+
+
+def expert_ffn(params, e, x, kind):
+  if kind == "swiglu":
+    hidden = jax.nn.silu(x @ params["w_gate"][e]) * (x @ params["w_up"][e])
+    return hidden @ params["w_down"][e]
+  return jax.nn.gelu(x @ params["w_in"][e]) @ params["w_out"][e]
+
+
+def kept_slots(routing, capacity):
+  index, mask = np.asarray(routing.expert_index), np.asarray(routing.mask)
+  kept = np.zeros_like(mask)
+  used = np.zeros(E, int)
+  for j in range(index.shape[1]):
+    for t in range(index.shape[0]):
+      if mask[t, j] and (capacity is None or used[index[t, j]] < capacity):
+        used[index[t, j]] += 1
+        kept[t, j] = True
+  return kept
+
+
+def reference_layer(variables, cfg, x, token_ids, train=False):
+  params = variables["params"]
+  xt = x.reshape(-1, D_MODEL)
+  definition = get_router(cfg.router.name)
+  hp = jax.lax.Precision.HIGHEST
+  inputs = RouterInputs(
+      logits=jnp.dot(xt, params["router"], precision=hp) if definition.needs_logits else None,
+      noise_logits=(jnp.dot(xt, params["router_noise"], precision=hp)
+                    if definition.needs_noise_logits else None),
+      token_ids=token_ids.reshape(-1) if definition.needs_token_ids else None,
+      bias=variables.get("router_state", {}).get("bias"), step=jnp.asarray(3, jnp.int32))
+  routing = definition.fn(inputs, cfg.router, None, train)
+  capacity = None
+  if cfg.dispatch == "capacity":
+    capacity = dispatch_lib.expert_capacity(xt.shape[0], E, routing.nominal_k,
+                                            cfg.capacity_factor_train)
+  kept = kept_slots(routing, capacity)
+  index = np.asarray(routing.expert_index)
+  y = jnp.zeros_like(xt)
+  for e in range(E):
+    out_e = expert_ffn(params["experts"], e, xt, cfg.expert_kind)
+    for j in range(index.shape[1]):
+      sel = jnp.asarray((index[:, j] == e) & kept[:, j])
+      y = y + jnp.where(sel, routing.combine_weight[:, j], 0.0)[:, None] * out_e
+  if cfg.num_shared_experts:
+    sp = params["shared_experts"]
+    y = y + (jax.nn.silu(xt @ sp["w_gate"]["kernel"]) * (xt @ sp["w_up"]["kernel"])) @ sp["w_down"]["kernel"]
+  return y.reshape(x.shape)
+
+
+def setup(cfg, seed=0, batch=2, length=6):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch, length, D_MODEL)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 256, (batch, length)), jnp.int32)
+  layer = MoeLayer(cfg)
+  variables = layer.init({"params": jax.random.key(seed), "router": jax.random.key(1)}, x, ids,
+                         step=3, train=False)
+  variables = jax.tree.map(lambda v: v.unbox() if hasattr(v, "unbox") else v, variables,
+                           is_leaf=lambda v: hasattr(v, "unbox"))
+  variables = {k: v for k, v in variables.items() if k != "moe"}  # drop what init sowed
+  if "router_state" in variables:  # a non-zero bias exercises the selection path
+    bias = jnp.asarray(rng.normal(size=(E,)) * 0.3, jnp.float32)
+    variables = {**variables, "router_state": {"bias": bias}}
+  return layer, variables, x, ids
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("router", sorted(ROUTER_OVERRIDES))
+def test_layer_matches_loop_over_experts(router, dispatch):
+  assert router in known_routers()
+  cfg = make_cfg(router, dispatch, capacity_factor=0.75)
+  layer, variables, x, ids = setup(cfg, seed=hash(router) % 100)
+
+  def ours(params):
+    return layer.apply({**variables, "params": params}, x, ids, step=3, train=False)
+
+  def ref(params):
+    return reference_layer({**variables, "params": params}, cfg, x, ids)
+
+  np.testing.assert_allclose(np.asarray(ours(variables["params"])),
+                             np.asarray(ref(variables["params"])), rtol=2e-5, atol=2e-5)
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+  g_ours = jax.grad(lambda p: jnp.sum(ours(p) * cot))(variables["params"])
+  g_ref = jax.grad(lambda p: jnp.sum(ref(p) * cot))(variables["params"])
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_input_gradient_matches_loop():
+  cfg = make_cfg("topk", "dropless")
+  layer, variables, x, ids = setup(cfg)
+  g_ours = jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids) ** 2))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(reference_layer(variables, cfg, x, ids) ** 2))(x)
+  np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_ref), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,shared", [("mlp", 0), ("swiglu", 2)])
+def test_expert_kinds_and_shared_experts(kind, shared):
+  cfg = make_cfg("topk", "dropless", shared=shared, kind=kind)
+  layer, variables, x, ids = setup(cfg)
+  np.testing.assert_allclose(np.asarray(layer.apply(variables, x, ids)),
+                             np.asarray(reference_layer(variables, cfg, x, ids)),
+                             rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("router", ["topk", "dense_to_sparse"])
+def test_dropless_equals_capacity_with_large_capacity(router):
+  base = make_cfg(router, "dropless")
+  layer, variables, x, ids = setup(base)
+  y_dropless = layer.apply(variables, x, ids, step=3)
+  big = dataclasses.replace(base, dispatch="capacity", capacity_factor_eval=float(E))
+  y_capacity, state = MoeLayer(big).apply(variables, x, ids, step=3, mutable=["moe"])
+  assert float(state["moe"]["metrics"][0]["dropped_fraction"]) == 0.0
+  np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_capacity), rtol=1e-6, atol=1e-6)
+
+
+def test_metrics_and_aux_loss_are_sown():
+  cfg = make_cfg("topk", "capacity", capacity_factor=0.5)
+  layer, variables, x, ids = setup(cfg)
+  _, state = layer.apply(variables, x, ids, mutable=["moe"])
+  assert len(state["moe"]["metrics"]) == 1
+  metrics = state["moe"]["metrics"][0]
+  assert metrics["expert_load"].shape == (E,)
+  np.testing.assert_allclose(float(metrics["expert_load"].sum()), 1.0, rtol=1e-6)
+  assert float(metrics["dropped_fraction"]) > 0
+  assert float(metrics["active_experts_per_token"]) == 2.0
+  expected = (cfg.router.load_balance_coef * metrics["aux/load_balance"]
+              + cfg.router.z_loss_coef * metrics["aux/z_loss"])
+  np.testing.assert_allclose(float(state["moe"]["aux_loss"][0]), float(expected), rtol=1e-6)
+
+
+def test_sigmoid_bias_moves_toward_balance_in_training():
+  cfg = make_cfg("sigmoid_topk", "dropless")
+  cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, bias_update_speed=0.1))
+  layer, variables, x, ids = setup(cfg)
+  _, state = layer.apply(variables, x, ids, train=True, rngs={"router": jax.random.key(0)},
+                         mutable=["moe", "router_state"])
+  load = np.asarray(state["moe"]["metrics"][0]["expert_load"])
+  delta = np.asarray(state["router_state"]["bias"] - variables["router_state"]["bias"])
+  np.testing.assert_allclose(delta, 0.1 * np.sign(load.mean() - load), atol=1e-7)
