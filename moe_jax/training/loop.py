@@ -24,7 +24,8 @@ from moe_jax.training.plots import plot_expert_load
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or inf; training stopped before saving anything bad."""
+  """The loss (or the state about to be saved) became NaN or inf; training
+  stopped before saving anything non-finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +46,13 @@ def _say(message: str) -> None:
 class _Run:
   """Everything built from the config once, before the first step."""
 
-  def __init__(self, config: Any, workdir: str):
-    validate_config(config, jax.device_count())
+  def __init__(self, config: Any, workdir: str, devices=None):
+    devices = list(jax.devices() if devices is None else devices)
+    validate_config(config, len(devices))
     self.config = config
     self.workdir = workdir
     self.corpus = data_lib.load_corpus(config.data)
-    self.mesh = sharding_lib.make_mesh(config.mesh.shape)
+    self.mesh = sharding_lib.make_mesh(config.mesh.shape, devices)
     self.rules = sharding_lib.rules_from(config.mesh.get("rules"))
     self.model = TransformerLM(model_config_from(config.model))
     self.optimizer = steps.make_optimizer(config.optimizer, config.train.num_steps)
@@ -119,17 +121,34 @@ class _Context:
     self._mesh.__exit__(*exc)
 
 
+def _stop(what: str, step: int, checkpointer: Checkpointer) -> None:
+  checkpointer.wait()
+  last = checkpointer.latest_step()
+  where = (f"the last good checkpoint (step {last}) in {checkpointer.directory} is intact"
+           if last is not None else "no checkpoint had been saved yet")
+  raise NonFiniteLossError(
+      f"{what} at step {step}; training stopped and nothing after step {last} was saved: "
+      f"{where}. Lower optimizer.learning_rate or check the data.")
+
+
 def _check_finite(step: int, metrics: dict, checkpointer: Checkpointer) -> float:
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
-    checkpointer.wait()
-    last = checkpointer.latest_step()
-    where = (f"the last good checkpoint (step {last}) in {checkpointer.directory} is intact"
-             if last is not None else "no checkpoint had been saved yet")
-    raise NonFiniteLossError(
-        f"loss became {loss} at step {step}; training stopped and nothing after step "
-        f"{last} was saved: {where}. Lower optimizer.learning_rate or check the data.")
+    _stop(f"loss became {loss}", step, checkpointer)
   return loss
+
+
+@jax.jit
+def _state_is_finite(state) -> jax.Array:
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks))
+
+
+def _check_state_finite(step: int, state, checkpointer: Checkpointer) -> None:
+  # The step's loss was computed before its update; the saved state must be checked itself.
+  if not bool(jax.device_get(_state_is_finite(state))):
+    _stop("parameters or optimiser state became nan/inf", step, checkpointer)
 
 
 def _host_metrics(metrics: dict) -> dict:
@@ -193,6 +212,7 @@ def train_and_evaluate(config: Any, workdir: str,
         _say(f"step {done}: held-out loss {loss:.4f} nats, {bpb:.4f} bits/byte")
       if done % tcfg.checkpoint_every == 0 or done == end:
         _check_finite(done, metrics, checkpointer)
+        _check_state_finite(done, state, checkpointer)
         pending = None
         checkpointer.save(done, state, iterator.get_state())
 
