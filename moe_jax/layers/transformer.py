@@ -81,21 +81,21 @@ class CausalSelfAttention(nn.Module):
     cfg = self.cfg
     dtype = cfg.activation_dtype
 
-    def proj(name, axes, features, axis=-1):
-      return nn.DenseGeneral(
-          features, axis=axis, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-          name=name)
+    def weight(name, shape, axes, fan_in):
+      init = nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=fan_in ** -0.5), axes)
+      return self.param(name, init, shape, jnp.float32).astype(dtype)
 
-    heads = (cfg.num_heads, cfg.head_dim)
-    q = proj("query", ("embed", "heads", "kv"), heads)(x)
-    k = proj("key", ("embed", "heads", "kv"), heads)(x)
-    v = proj("value", ("embed", "heads", "kv"), heads)(x)
+    d, h, hd = cfg.d_model, cfg.num_heads, cfg.head_dim
+    x = x.astype(dtype)
+    q, k, v = (jnp.einsum("bld,dhk->blhk", x, weight(n, (d, h, hd), ("embed", "heads", "kv"), d))
+               for n in ("query", "key", "value"))
     q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
     axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
     q, k, v = (nn.with_logical_constraint(t, axes) for t in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return proj("out", ("heads", "kv", "embed"), cfg.d_model, axis=(-2, -1))(out)
+    return jnp.einsum("blhk,hkd->bld", out, weight("out", (h, hd, d), ("heads", "kv", "embed"),
+                                                   h * hd))
 
 
 class Block(nn.Module):

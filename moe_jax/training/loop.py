@@ -1,6 +1,7 @@
 """The training loop: config -> sharded state -> steps, eval, checkpoints, logs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -59,7 +60,7 @@ class _Run:
     self.local_batch = config.data.batch_size // jax.process_count()
     sample = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
     init = functools.partial(steps.init_state, self.model, self.optimizer, sample_tokens=sample)
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with self.context():
       boxed = jax.eval_shape(init, jax.random.key(0))
     self.state_sharding = nn.logical_to_mesh_sharding(
         nn.get_partition_spec(boxed), self.mesh, self.rules)
@@ -107,18 +108,18 @@ class _Run:
 
 
 class _Context:
+  """The mesh and the logical-axis rules, entered together."""
+
   def __init__(self, mesh, rules):
+    self._stack = contextlib.ExitStack()
     self._mesh, self._rules = mesh, rules
-    self._rules_ctx = None
 
   def __enter__(self):
-    self._mesh.__enter__()
-    self._rules_ctx = nn.logical_axis_rules(self._rules)
-    self._rules_ctx.__enter__()
+    self._stack.enter_context(jax.set_mesh(self._mesh))
+    self._stack.enter_context(nn.logical_axis_rules(self._rules))
 
   def __exit__(self, *exc):
-    self._rules_ctx.__exit__(*exc)
-    self._mesh.__exit__(*exc)
+    return self._stack.__exit__(*exc)
 
 
 def _stop(what: str, step: int, checkpointer: Checkpointer) -> None:

@@ -81,7 +81,7 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model: nn
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": ce + aux, "ce_loss": ce, "aux_loss": aux,
-             "grad_norm": optax.global_norm(grads), **moe_metrics}
+             "grad_norm": optax.tree.norm(grads), **moe_metrics}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             router_state=router_state)
   return new_state, metrics
