@@ -1,0 +1,60 @@
+"""Two CPU processes through jax.distributed run the same training as one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+CONFIG = '''
+from configs.base import base_config
+def get_config():
+  c = base_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.head_dim, m.d_ff, m.moe_every = 32, 2, 2, 16, 64, 1
+  m.moe.d_expert = 32
+  c.data.max_bytes, c.data.seq_len, c.data.batch_size = 40_000, 16, 8
+  c.train.num_steps, c.train.log_every, c.train.checkpoint_every = 4, 1, 2
+  c.train.eval_batches = 1
+  return c
+'''
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def launch(args, devices_per_process):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+  config = tmp_path / "tiny.py"
+  config.write_text(CONFIG)
+  port = free_port()
+  multi = [launch([f"--config={config}", f"--workdir={tmp_path / 'multi'}", "--multihost",
+                   f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                   f"--process_id={i}"], 1) for i in range(2)]
+  single = launch([f"--config={config}", f"--workdir={tmp_path / 'single'}"], 2)
+  for proc in multi + [single]:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+  assert "devices: 2 (cpu)" in out
+  a, b = losses(tmp_path / "multi"), losses(tmp_path / "single")
+  assert sorted(a) == [1, 2, 3, 4]
+  for step in a:
+    assert a[step] == pytest.approx(b[step], rel=1e-5)
+  assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "4")
