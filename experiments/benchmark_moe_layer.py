@@ -1,0 +1,116 @@
+"""Times one whole MoE layer, forward+backward, per grouped-matmul implementation.
+
+The layer is router -> dropless dispatch -> SwiGLU experts (three grouped
+matmuls) -> combine. The baseline, measured in the same run, is the same
+expert FLOPs as dense matmuls: three [T*k, d] x [d, f]-shaped products with
+their backward. ratio = baseline time / layer time (1.0 = as fast as dense).
+
+  python -m experiments.benchmark_moe_layer                   # GPU presets
+  python -m experiments.benchmark_moe_layer --preset=smoke    # tiny, any backend
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers.moe import MoeConfig, MoeLayer
+from moe_jax.ops.grouped_matmul import resolve_impl
+from moe_jax.routing import RouterConfig
+
+_PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "smoke"], "Which shapes to time.")
+_IMPLS = flags.DEFINE_list("impls", ["auto", "ragged_dot"], "grouped_matmul implementations.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  tokens: int
+  d_model: int
+  d_expert: int
+  num_experts: int
+  top_k: int
+
+
+PRESETS = {
+    "gpu": [Shape("mixtral-like", 8192, 4096, 14336, 8, 2),
+            Shape("fine-grained", 16384, 2048, 768, 64, 8)],
+    "smoke": [Shape("smoke", 64, 32, 48, 4, 2)],
+}
+
+
+def median_seconds(fn, *args, iters: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def layer_time(shape: Shape, impl: str, dtype, iters: int) -> float:
+  cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
+                  gmm_impl=impl, router=RouterConfig(name="topk", num_experts=shape.num_experts,
+                                                     top_k=shape.top_k))
+  layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
+  params = jax.jit(layer.init)(key, x)["params"]
+  params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
+                        is_leaf=lambda p: hasattr(p, "unbox"))
+
+  @jax.jit
+  def fwd_bwd(params, x):
+    def loss(params, x):
+      return jnp.sum(layer.apply({"params": params}, x).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  return median_seconds(fwd_bwd, params, x, iters=iters)
+
+
+def dense_time(shape: Shape, dtype, iters: int) -> float:
+  rows = shape.tokens * shape.top_k
+  key = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(key[0], (rows, shape.d_model), dtype)
+  w_gate, w_up = (jax.random.normal(k, (shape.d_model, shape.d_expert), dtype) for k in key[1:3])
+  w_down = jax.random.normal(key[3], (shape.d_expert, shape.d_model), dtype)
+
+  @jax.jit
+  def fwd_bwd(ws, x):
+    def loss(ws, x):
+      g, u, d = ws
+      return jnp.sum(((x @ g) * (x @ u) @ d).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(ws, x)
+
+  return median_seconds(fwd_bwd, (w_gate, w_up, w_down), x, iters=iters)
+
+
+def main(argv):
+  del argv
+  dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; dtype {dtype.__name__}")
+  rows = []
+  for shape in PRESETS[_PRESET.value]:
+    flops = 3 * 2 * 3 * shape.tokens * shape.top_k * shape.d_model * shape.d_expert
+    base = dense_time(shape, dtype, _ITERS.value)
+    rows.append((shape.name, "dense-equivalent", base, flops / base / 1e12, 1.0))
+    for impl in _IMPLS.value:
+      probe = jnp.zeros((1, shape.d_model), dtype)
+      resolved = resolve_impl(impl, probe, jnp.zeros((1, shape.d_model, 1), dtype)).name
+      t = layer_time(shape, impl, dtype, _ITERS.value)
+      rows.append((shape.name, f"moe layer [{resolved}]", t, flops / t / 1e12, base / t))
+  print(f"{'shape':<14} {'what':<34} {'ms':>9} {'TF/s':>8} {'ratio':>6}")
+  for name, what, t, tflops, ratio in rows:
+    print(f"{name:<14} {what:<34} {t * 1e3:9.3f} {tflops:8.1f} {ratio:6.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
