@@ -41,13 +41,17 @@ def run_steps(config, devices, num_steps):
   return state, jax.device_get(metrics), run
 
 
-@pytest.mark.parametrize("router,dispatch", [("topk", "dropless"), ("sigmoid_topk", "capacity")])
-def test_sharded_train_step_matches_single_device(router, dispatch):
+@pytest.mark.parametrize("router,dispatch,mesh", [
+    ("topk", "dropless", dict(data=2, fsdp=2, expert=2, tensor=1)),
+    ("sigmoid_topk", "capacity", dict(data=2, fsdp=2, expert=2, tensor=1)),
+    ("topk", "capacity", dict(data=1, fsdp=2, expert=2, tensor=2)),
+])
+def test_sharded_train_step_matches_single_device(router, dispatch, mesh):
   assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
   config = tiny_config(router, num_groups=2, topk_groups=2)
   config.model.moe.dispatch = dispatch
   single_state, single_metrics, _ = run_steps(config, jax.devices()[:1], 2)
-  config.mesh.shape.update(data=2, fsdp=2, expert=2, tensor=1)
+  config.mesh.shape.update(**mesh)
   sharded_state, sharded_metrics, run = run_steps(config, jax.devices()[:8], 2)
   # Expert weights really are split over the expert axis.
   w_up = sharded_state.params["layer_0"]["moe"]["experts"]["w_up"]
