@@ -8,6 +8,13 @@ Importing this package registers grouped-matmul implementations with
 - ``pallas_triton_interpret``: the same kernels through the Pallas interpreter;
   runs anywhere, slowly. For tests; never chosen by ``auto``.
 - ``megablox``: jax's Mosaic TPU gmm/tgmm; TPU only, first choice on TPU.
+
+Modules: ``gmm`` (differentiable gmm with tuned tiles), ``gmm_triton`` (the
+kernels: gmm, tgmm, with gather/scatter/scale options), ``fused``
+(``gmm_gather`` for dispatch, ``gmm_combine`` for the weighted combine, each
+with its VJP), ``schedule`` (row-tile schedule), ``tuning`` / ``tuning_table``
+(tiles per shape; ``python -m experiments.benchmark_gmm --autotune`` rewrites
+the table), ``tpu`` (megablox wrapper). Benchmarks: docs/benchmarks.md.
 """
 from __future__ import annotations
 

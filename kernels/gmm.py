@@ -15,38 +15,44 @@ from moe_kernels import gmm_triton
 from moe_kernels import tuning
 
 
-def _fwd_call(x, w, group_sizes, out_dtype, transpose_rhs, interpret):
+def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=False,
+             config: Optional[tuning.Config] = None, **fused):
+  """gmm_triton.gmm with the tuned tiles for this shape (``fused``: index/scale options)."""
+  m = fused["lhs_index"].shape[0] if fused.get("lhs_index") is not None else x.shape[0]
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  cfg = tuning.lookup("gmm", x.shape[0], x.shape[1], n, w.shape[0], x.dtype)
+  cfg = config or tuning.lookup("gmm", m, x.shape[1], n, w.shape[0], x.dtype)
   return gmm_triton.gmm(x, w, group_sizes, out_dtype=out_dtype,
                         transpose_rhs=transpose_rhs, tiles=cfg.tiles,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        interpret=interpret)
+                        group_m=cfg.group_m, interpret=interpret, **fused)
 
 
-def _tgmm_call(x, dy, group_sizes, out_dtype, interpret):
-  cfg = tuning.lookup("tgmm", x.shape[0], x.shape[1], dy.shape[1],
-                      group_sizes.shape[0], x.dtype)
-  return gmm_triton.tgmm(x, dy, group_sizes, out_dtype=out_dtype,
+def tgmm_call(x, dy, group_sizes, out_dtype, *, num_rows, interpret=False,
+              config: Optional[tuning.Config] = None, **fused):
+  cfg = config or tuning.lookup("tgmm", num_rows, x.shape[1], dy.shape[1],
+                                group_sizes.shape[0], x.dtype)
+  return gmm_triton.tgmm(x, dy, group_sizes, out_dtype=out_dtype, num_rows=num_rows,
                          tiles=cfg.tiles, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages, interpret=interpret)
+                         num_stages=cfg.num_stages, interpret=interpret, **fused)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(x, w, group_sizes, out_dtype, interpret):
-  return _fwd_call(x, w, group_sizes, out_dtype, False, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(x, w, group_sizes, out_dtype, interpret, configs):
+  return fwd_call(x, w, group_sizes, out_dtype, interpret=interpret, config=configs[0])
 
 
-def _gmm_fwd(x, w, group_sizes, out_dtype, interpret):
-  return _gmm(x, w, group_sizes, out_dtype, interpret), (x, w, group_sizes)
+def _gmm_fwd(x, w, group_sizes, out_dtype, interpret, configs):
+  return _gmm(x, w, group_sizes, out_dtype, interpret, configs), (x, w, group_sizes)
 
 
-def _gmm_bwd(out_dtype, interpret, res, dy):
+def _gmm_bwd(out_dtype, interpret, configs, res, dy):
   del out_dtype
   x, w, group_sizes = res
   dy = dy.astype(x.dtype)
-  dx = _fwd_call(dy, w, group_sizes, x.dtype, True, interpret)
-  dw = _tgmm_call(x, dy, group_sizes, w.dtype, interpret)
+  dx = fwd_call(dy, w, group_sizes, x.dtype, transpose_rhs=True, interpret=interpret,
+                config=configs[1])
+  dw = tgmm_call(x, dy, group_sizes, w.dtype, num_rows=x.shape[0], interpret=interpret,
+                 config=configs[2])
   return dx, dw, None
 
 
@@ -54,9 +60,13 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-        out_dtype: Optional[jnp.dtype] = None, *, interpret: bool = False) -> jax.Array:
-  """x[M, K] @ w[E, K, N] by contiguous row groups -> [M, N] (zeros past the groups)."""
+        out_dtype: Optional[jnp.dtype] = None, *, interpret: bool = False,
+        configs: tuple[Optional[tuning.Config], ...] = (None, None, None)) -> jax.Array:
+  """x[M, K] @ w[E, K, N] by contiguous row groups -> [M, N] (zeros past the groups).
+
+  ``configs`` overrides the tuned tiles of (forward gmm, input-gradient gmm, tgmm).
+  """
   if x.dtype != w.dtype:
     raise ValueError(f"gmm wants x and w of one dtype; got {x.dtype} and {w.dtype}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  return _gmm(x, w, group_sizes.astype(jnp.int32), out_dtype, interpret)
+  return _gmm(x, w, group_sizes.astype(jnp.int32), out_dtype, interpret, tuple(configs))

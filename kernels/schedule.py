@@ -25,6 +25,9 @@ class GroupSchedule:
   tile_block: jax.Array   # [T] int32: row-tile index of visit t
   group_start: jax.Array  # [E+2] int32: first row of each group (tail, no-op last)
   group_end: jax.Array    # [E+2] int32: one past the last row
+  # [T, 4] int32 per visit: group, row tile, first and one-past-last row it stores.
+  # One row per visit so the kernel reads its metadata with no dependent loads.
+  visit_meta: jax.Array
 
   @property
   def num_visits(self) -> int:
@@ -66,5 +69,10 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, tm: int) -> GroupSchedu
   block = jnp.where(group <= num_groups,
                     first[jnp.minimum(group, num_groups)] + t - offset[jnp.minimum(group, num_groups)],
                     0)
-  return GroupSchedule(group, block.astype(jnp.int32), starts.astype(jnp.int32),
-                       ends.astype(jnp.int32))
+  block = block.astype(jnp.int32)
+  gi = jnp.minimum(group, num_groups + 1)
+  lo = jnp.maximum(starts[gi], block * tm)
+  hi = jnp.minimum(ends[gi], block * tm + tm)
+  meta = jnp.stack([group, block, lo, hi], axis=1).astype(jnp.int32)
+  return GroupSchedule(group, block, starts.astype(jnp.int32), ends.astype(jnp.int32),
+                       meta)

@@ -1,6 +1,6 @@
 """Tile configurations per shape class, and the lookup the kernels use.
 
-A configuration is (tm, tn, tk, num_warps, num_stages). For ``gmm`` the output
+A configuration is (tm, tn, tk, num_warps, num_stages, group_m). For ``gmm`` the output
 tile is [tm, tn] and tk is the contraction step; for ``tgmm`` the output tile
 is [tk, tn] and tm is the row (reduction) step.
 
@@ -22,13 +22,14 @@ class Config:
   tk: int
   num_warps: int = 4
   num_stages: int = 3
+  group_m: int = 8  # gmm only: row tiles per L2 swizzle group
 
   @property
   def tiles(self):
     return (self.tm, self.tn, self.tk)
 
   def as_tuple(self):
-    return (self.tm, self.tn, self.tk, self.num_warps, self.num_stages)
+    return (self.tm, self.tn, self.tk, self.num_warps, self.num_stages, self.group_m)
 
 
 def rows_class(m: int, num_groups: int) -> int:

@@ -176,16 +176,18 @@ def _dispatch(rng, tokens, k, e, drop_tail):
   return order // k, slot[order], gs  # row_token, row_slot, group sizes
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gmm_gather_matches_reference(dtype):
+@pytest.mark.parametrize("dtype, with_slot", [(jnp.float32, False), (jnp.float32, True),
+                                              (jnp.bfloat16, True)])
+def test_gmm_gather_matches_reference(dtype, with_slot):
   rng = np.random.default_rng(11)
   tokens, topk, kdim, n, e = 45, 2, 40, 36, 5
-  row_token, _, gs = _dispatch(rng, tokens, topk, e, drop_tail=True)
+  row_token, row_slot, gs = _dispatch(rng, tokens, topk, e, drop_tail=True)
   xt, w, dy = _inputs(rng, tokens, kdim, n, e, dtype)
   dy = jnp.asarray(rng.standard_normal((tokens * topk, n)), dtype)
   ri = jnp.asarray(row_token, jnp.int32)
 
   f = functools.partial(fused.gmm_gather, row_index=ri, group_sizes=jnp.asarray(gs),
+                        row_slot=jnp.asarray(row_slot) if with_slot else None,
                         interpret=True)
   y, vjp = jax.vjp(lambda a, b: f(a, w=b), xt, w)
   x_sorted = np.asarray(xt, np.float64)[row_token]
