@@ -93,23 +93,32 @@ def dense_time(shape: Shape, dtype, iters: int) -> float:
   return median_seconds(fwd_bwd, (w_gate, w_up, w_down), x, iters=iters)
 
 
+def print_row(name, what, seconds, flops, base):
+  if seconds is None:
+    print(f"{name:<14} {what:<34} {'failed (out of memory or unsupported)':>26}", flush=True)
+  else:
+    print(f"{name:<14} {what:<34} {seconds * 1e3:9.3f} {flops / seconds / 1e12:8.1f} "
+          f"{base / seconds:6.2f}", flush=True)
+
+
 def main(argv):
   del argv
   dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; dtype {dtype.__name__}")
-  rows = []
+  print(f"{'shape':<14} {'what':<34} {'ms':>9} {'TF/s':>8} {'ratio':>6}", flush=True)
   for shape in PRESETS[_PRESET.value]:
     flops = 3 * 2 * 3 * shape.tokens * shape.top_k * shape.d_model * shape.d_expert
     base = dense_time(shape, dtype, _ITERS.value)
-    rows.append((shape.name, "dense-equivalent", base, flops / base / 1e12, 1.0))
+    print_row(shape.name, "dense-equivalent", base, flops, base)
     for impl in _IMPLS.value:
       probe = jnp.zeros((1, shape.d_model), dtype)
       resolved = resolve_impl(impl, probe, jnp.zeros((1, shape.d_model, 1), dtype)).name
-      t = layer_time(shape, impl, dtype, _ITERS.value)
-      rows.append((shape.name, f"moe layer [{resolved}]", t, flops / t / 1e12, base / t))
-  print(f"{'shape':<14} {'what':<34} {'ms':>9} {'TF/s':>8} {'ratio':>6}")
-  for name, what, t, tflops, ratio in rows:
-    print(f"{name:<14} {what:<34} {t * 1e3:9.3f} {tflops:8.1f} {ratio:6.2f}")
+      try:
+        seconds = layer_time(shape, impl, dtype, _ITERS.value)
+      except jax.errors.JaxRuntimeError as e:  # e.g. ragged_dot's dense backward OOMs
+        print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
+        seconds = None
+      print_row(shape.name, f"moe layer [{resolved}]", seconds, flops, base)
 
 
 if __name__ == "__main__":
