@@ -96,6 +96,11 @@ def _gmm_kernel(*refs, tm, tn, tk, num_groups, num_visits, num_rows, group_m,
   src = row_vector(lhs_index_ref, 0) if gather else None
   if scatter:
     dst = row_vector(out_index_ref, 0)
+    if in_rows is not None:
+      # Rows past the end point into the output's padding rows, never at a real
+      # slot: a masked store may still read-modify-write its targets (the
+      # interpreter does), and a duplicate real index would then race.
+      dst = jnp.where(in_rows, dst, rows)
     out_block = o_ref.at[dst[:, None], cols[None, :]]
   else:
     out_block = o_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)]
@@ -174,7 +179,10 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   num_visits = sched.num_visits
   opt = [a.astype(dt) for a, dt in ((lhs_index, jnp.int32), (out_index, jnp.int32),
                                      (row_scale, jnp.float32)) if a is not None]
-  out_shape = [jax.ShapeDtypeStruct((out_rows, n), out_dtype)]
+  # A scatter into slots gets tm - 1 spare rows so tile rows past the end have
+  # somewhere harmless to point (see the kernel); they are sliced off below.
+  padded_rows = pl.cdiv(out_rows, tm) * tm if out_index is not None else out_rows
+  out_shape = [jax.ShapeDtypeStruct((padded_rows, n), out_dtype)]
   if row_dot is not None:
     opt.append(row_dot)
     out_shape.append(jax.ShapeDtypeStruct((pl.cdiv(n, tn), m), jnp.float32))
@@ -193,6 +201,9 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
       interpret=interpret,
       name="moe_gmm",
   )(sched.visit_meta, x, w, *opt)
+  out = list(out)
+  if padded_rows != out_rows:
+    out[0] = out[0][:out_rows]
   return tuple(out) if row_dot is not None else out[0]
 
 

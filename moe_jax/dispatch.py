@@ -36,6 +36,11 @@ class DispatchPlan:
   combine_index: jax.Array        # int32 [T, K]: buffer row of each slot; R = dropped/invalid
   num_assigned: jax.Array         # int32: valid slots before capacity
   num_dropped: jax.Array          # int32: valid slots that did not get a row
+  # Dropless with R = T*K: the rows are a permutation of all slots. row_slot_all
+  # is each row's slot (t * K + j) without padding, for kernels that gather and
+  # scatter rows themselves (invalid slots sit past sum(group_sizes)).
+  row_slot_all: jax.Array | None = None
+  is_permutation: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def num_rows(self) -> int:
@@ -104,13 +109,19 @@ def make_plan(routing: Routing, mode: str, capacity_factor: float = 1.0) -> Disp
   buffer_token_index = jnp.where(row_valid, row_token, num_tokens).astype(jnp.int32)
   combine_index = slot_row.reshape(k, num_tokens).T.astype(jnp.int32)
   num_kept = jnp.sum((combine_index < num_rows).astype(jnp.int32))
+  is_permutation = mode == "dropless" and num_rows == num_slots
+  row_slot_all = None
+  if is_permutation:
+    row_slot_all = ((row_slot % num_tokens) * k + row_slot // num_tokens).astype(jnp.int32)
   return DispatchPlan(
       buffer_token_index=buffer_token_index,
       buffer_slot_index=buffer_slot_index,
       group_sizes=group_sizes,
       combine_index=combine_index,
       num_assigned=num_assigned,
-      num_dropped=num_assigned - num_kept)
+      num_dropped=num_assigned - num_kept,
+      row_slot_all=row_slot_all,
+      is_permutation=is_permutation)
 
 
 def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:

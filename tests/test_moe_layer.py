@@ -176,3 +176,48 @@ def test_sigmoid_bias_moves_toward_balance_in_training():
   load = np.asarray(state["moe"]["metrics"][0]["expert_load"])
   delta = np.asarray(state["router_state"]["bias"] - variables["router_state"]["bias"])
   np.testing.assert_allclose(delta, 0.1 * np.sign(load.mean() - load), atol=1e-7)
+
+
+@pytest.mark.parametrize("router", ["topk", "dense_to_sparse"])
+def test_fused_dispatch_kernels_match_loop(router):
+  # The Pallas kernels run in interpret mode on CPU: gather rows on load, write
+  # weighted rows to their slots, so no separate dispatch/combine is emitted.
+  cfg = dataclasses.replace(make_cfg(router, "dropless"), gmm_impl="pallas_triton_interpret",
+                            fused_dispatch="on")
+  layer, variables, x, ids = setup(cfg, seed=4)
+  ours = lambda p: layer.apply({**variables, "params": p}, x, ids, step=3)
+  ref = lambda p: reference_layer({**variables, "params": p}, cfg, x, ids)
+  np.testing.assert_allclose(np.asarray(ours(variables["params"])),
+                             np.asarray(ref(variables["params"])), rtol=1e-4, atol=1e-5)
+  cot = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
+  g_ours = jax.grad(lambda p: jnp.sum(ours(p) * cot))(variables["params"])
+  g_ref = jax.grad(lambda p: jnp.sum(ref(p) * cot))(variables["params"])
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  g_x = jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot))(x)
+  g_x_ref = jax.grad(lambda x: jnp.sum(reference_layer(variables, cfg, x, ids) * cot))(x)
+  np.testing.assert_allclose(np.asarray(g_x), np.asarray(g_x_ref), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(dispatch="capacity"), "dispatch='capacity'"),
+    (dict(gmm_impl="ragged_dot"), "impl='ragged_dot'"),
+    (dict(fused_dispatch="always"), r"fused_dispatch='always'; allowed: \['off', 'auto', 'on'\]"),
+])
+def test_fused_dispatch_on_explains_why_it_cannot_apply(change, pattern):
+  cfg = dataclasses.replace(make_cfg("topk", "dropless"), gmm_impl="pallas_triton_interpret",
+                            fused_dispatch="on")
+  cfg = dataclasses.replace(cfg, **change)
+  x = jnp.ones((1, 4, D_MODEL))
+  with pytest.raises(ValueError, match=pattern):
+    MoeLayer(cfg).init(jax.random.key(0), x)
+
+
+def test_fused_dispatch_auto_falls_back_where_it_does_not_apply():
+  cfg = dataclasses.replace(make_cfg("expert_choice", "dropless"),
+                            gmm_impl="pallas_triton_interpret", fused_dispatch="auto")
+  layer, variables, x, ids = setup(cfg)
+  np.testing.assert_allclose(np.asarray(layer.apply(variables, x, ids, step=3)),
+                             np.asarray(reference_layer(variables, cfg, x, ids)),
+                             rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from moe_jax.ops.grouped_matmul import grouped_matmul
 
@@ -25,6 +26,19 @@ def activation_by_name(name: str, field: str) -> Callable[[jax.Array], jax.Array
   if name not in ACTIVATIONS:
     raise ValueError(f"{field}={name!r}; allowed: {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+# grouped_matmul implementations whose kernels can also gather rows on load and
+# write weighted rows to their slots (moe_kernels.fused); value: interpret mode.
+FUSED_IMPLS = {"pallas_triton": False, "pallas_triton_interpret": True}
+
+
+@struct.dataclass
+class FusedRows:
+  """A dropless plan whose R = T*K rows are a permutation of the slots."""
+  row_slot: jax.Array            # int32 [R]: slot (t * K + j) of each row
+  row_weight: jax.Array          # float32 [R]: combine weight of each row
+  slots_per_token: int = struct.field(pytree_node=False, default=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +71,11 @@ class Experts(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, group_sizes: jax.Array,
+               fused: FusedRows | None = None) -> jax.Array:
+    """x: the expert-grouped buffer [R, d]; or, with ``fused``, the tokens [T, d],
+    in which case rows are gathered inside the kernels and the result is the
+    combined [T, d] output."""
     if self.kind not in EXPERT_KINDS:
       raise ValueError(f"model.moe.expert_kind={self.kind!r}; allowed: {sorted(EXPERT_KINDS)}")
     d_model = x.shape[-1]
@@ -67,19 +85,38 @@ class Experts(nn.Module):
       init = nn.with_logical_partitioning(expert_init(), axes)
       return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
-    def gmm(lhs, w):
-      return grouped_matmul(lhs, w, group_sizes, impl=self.gmm_impl)
+    if fused is None:
+      def first(lhs, w):
+        return grouped_matmul(lhs, w, group_sizes, impl=self.gmm_impl)
+
+      def last(hidden, w):
+        return grouped_matmul(hidden, w, group_sizes, impl=self.gmm_impl)
+    else:
+      from moe_kernels import fused as fused_kernels  # pylint: disable=g-import-not-at-top
+      interpret = FUSED_IMPLS[self.gmm_impl]
+      k = fused.slots_per_token
+
+      def first(tokens, w):
+        return fused_kernels.gmm_gather(tokens, fused.row_slot // k, w, group_sizes,
+                                        row_slot=fused.row_slot, interpret=interpret)
+
+      def last(hidden, w):
+        slots = fused_kernels.gmm_combine(hidden, w, group_sizes, fused.row_slot,
+                                          fused.row_weight.astype(hidden.dtype),
+                                          interpret=interpret)
+        return jnp.sum(slots.reshape(-1, k, slots.shape[-1]), axis=1,
+                       dtype=jnp.float32).astype(hidden.dtype)
 
     x = x.astype(self.dtype)
     in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
     if EXPERT_KINDS[self.kind].gated:
-      gate = gmm(x, stack("w_gate", (e, d_model, f), in_axes))
-      up = gmm(x, stack("w_up", (e, d_model, f), in_axes))
+      gate = first(x, stack("w_gate", (e, d_model, f), in_axes))
+      up = first(x, stack("w_up", (e, d_model, f), in_axes))
       hidden = jax.nn.silu(gate) * up
-      return gmm(hidden, stack("w_down", (e, f, d_model), out_axes))
+      return last(hidden, stack("w_down", (e, f, d_model), out_axes))
     act = activation_by_name(self.activation, "model.moe.activation")
-    hidden = act(gmm(x, stack("w_in", (e, d_model, f), in_axes)))
-    return gmm(hidden, stack("w_out", (e, f, d_model), out_axes))
+    hidden = act(first(x, stack("w_in", (e, d_model, f), in_axes)))
+    return last(hidden, stack("w_out", (e, f, d_model), out_axes))
 
 
 class DenseMlp(nn.Module):

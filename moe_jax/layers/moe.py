@@ -17,9 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax.layers.experts import DenseMlp, Experts
+from moe_jax.layers.experts import FUSED_IMPLS, DenseMlp, Experts, FusedRows
+from moe_jax.ops.grouped_matmul import resolve_impl
 from moe_jax.routing import (Routing, RouterConfig, RouterInputs, expert_load_fraction,
                              get_router, router_config_from)
+
+
+FUSED_MODES = ("off", "auto", "on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,11 @@ class MoeConfig:
   num_shared_experts: int = 0
   d_shared: int = 0                  # hidden width of each shared expert; 0 = d_expert
   gmm_impl: str = "auto"
+  # off | auto | on: gather rows inside the first grouped matmuls and write weighted
+  # rows to their slots in the last one (moe_kernels.fused), skipping the separate
+  # dispatch and combine. Needs dropless dispatch with R = T*K rows and a Pallas
+  # grouped_matmul; "auto" uses it where it applies, "on" raises where it does not.
+  fused_dispatch: str = "off"
   router: RouterConfig = RouterConfig()
 
 
@@ -103,6 +112,19 @@ class MoeLayer(nn.Module):
         token_ids=ids, bias=bias,
         step=jnp.asarray(0 if step is None else step, jnp.int32))
 
+  def _use_fused(self, plan: dispatch_lib.DispatchPlan, gmm_impl: str) -> bool:
+    mode = self.cfg.fused_dispatch
+    if mode not in FUSED_MODES:
+      raise ValueError(f"model.moe.fused_dispatch={mode!r}; allowed: {list(FUSED_MODES)}")
+    applies = plan.is_permutation and gmm_impl in FUSED_IMPLS
+    if mode == "on" and not applies:
+      raise ValueError(
+          "model.moe.fused_dispatch='on' needs dropless dispatch with one row per slot "
+          f"(top-k or dense-to-sparse routers) and a grouped_matmul in {sorted(FUSED_IMPLS)}; "
+          f"got dispatch={self.cfg.dispatch!r}, router={self.cfg.router.name!r}, "
+          f"impl={gmm_impl!r}")
+    return mode != "off" and applies
+
   @nn.compact
   def __call__(self, x: jax.Array, token_ids: Optional[jax.Array] = None,
                step: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
@@ -120,13 +142,22 @@ class MoeLayer(nn.Module):
 
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
     plan = dispatch_lib.make_plan(routing, cfg.dispatch, capacity_factor)
-    buffer = dispatch_lib.dispatch(x_tokens.astype(self.dtype), plan)
-    buffer = nn.with_logical_constraint(buffer, ("activation_exp_rows", "activation_embed"))
-    expert_out = Experts(
+    gmm_impl = resolve_impl(cfg.gmm_impl, x_tokens.astype(self.dtype),
+                            jnp.zeros((1, d_model, 1), self.dtype)).name
+    experts = Experts(
         num_experts=cfg.num_experts, d_hidden=cfg.d_expert, kind=cfg.expert_kind,
-        activation=cfg.activation, gmm_impl=cfg.gmm_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="experts")(buffer, plan.group_sizes)
-    y = dispatch_lib.combine(expert_out, plan, routing.combine_weight)
+        activation=cfg.activation, gmm_impl=gmm_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="experts")
+    if self._use_fused(plan, gmm_impl):
+      k = routing.expert_index.shape[1]
+      rows = FusedRows(row_slot=plan.row_slot_all,
+                       row_weight=routing.combine_weight.reshape(-1)[plan.row_slot_all],
+                       slots_per_token=k)
+      y = experts(x_tokens.astype(self.dtype), plan.group_sizes, fused=rows)
+    else:
+      buffer = dispatch_lib.dispatch(x_tokens.astype(self.dtype), plan)
+      buffer = nn.with_logical_constraint(buffer, ("activation_exp_rows", "activation_embed"))
+      y = dispatch_lib.combine(experts(buffer, plan.group_sizes), plan, routing.combine_weight)
     if cfg.num_shared_experts > 0:
       d_shared = (cfg.d_shared or cfg.d_expert) * cfg.num_shared_experts
       y = y + DenseMlp(d_shared, kind=cfg.expert_kind, activation=cfg.activation,
