@@ -19,6 +19,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from moe_jax.layers.experts import FUSED_IMPLS
 from moe_jax.layers.moe import MoeConfig, MoeLayer
 from moe_jax.ops.grouped_matmul import resolve_impl
 from moe_jax.routing import RouterConfig
@@ -26,6 +27,8 @@ from moe_jax.routing import RouterConfig
 _PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "smoke"], "Which shapes to time.")
 _IMPLS = flags.DEFINE_list("impls", ["auto", "ragged_dot"], "grouped_matmul implementations.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
+_FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
+                           "model.moe.fused_dispatch values to time (on: Pallas impls only).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +59,9 @@ def median_seconds(fn, *args, iters: int) -> float:
   return statistics.median(times)
 
 
-def layer_time(shape: Shape, impl: str, dtype, iters: int) -> float:
+def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int) -> float:
   cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
-                  gmm_impl=impl, router=RouterConfig(name="topk", num_experts=shape.num_experts,
+                  gmm_impl=impl, fused_dispatch=fused, router=RouterConfig(name="topk", num_experts=shape.num_experts,
                                                      top_k=shape.top_k))
   layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
   key = jax.random.key(0)
@@ -113,12 +116,16 @@ def main(argv):
     for impl in _IMPLS.value:
       probe = jnp.zeros((1, shape.d_model), dtype)
       resolved = resolve_impl(impl, probe, jnp.zeros((1, shape.d_model, 1), dtype)).name
-      try:
-        seconds = layer_time(shape, impl, dtype, _ITERS.value)
-      except jax.errors.JaxRuntimeError as e:  # e.g. ragged_dot's dense backward OOMs
-        print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
-        seconds = None
-      print_row(shape.name, f"moe layer [{resolved}]", seconds, flops, base)
+      for fused in _FUSED.value:
+        if fused == "on" and resolved not in FUSED_IMPLS:
+          continue
+        try:
+          seconds = layer_time(shape, impl, fused, dtype, _ITERS.value)
+        except jax.errors.JaxRuntimeError as e:  # e.g. ragged_dot's dense backward OOMs
+          print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
+          seconds = None
+        label = resolved + (", fused dispatch" if fused == "on" else "")
+        print_row(shape.name, f"moe layer [{label}]", seconds, flops, base)
 
 
 if __name__ == "__main__":
