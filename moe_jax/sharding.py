@@ -80,16 +80,6 @@ def rules_from(rules_cfg: Any) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
-def mesh_axis_size(mesh: Mesh, axis: str) -> int:
-  return mesh.shape[axis]
-
-
-def logical_sharding(tree: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree of (abstract) values boxed with logical names."""
-  specs = nn.get_partition_spec(tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   spec = nn.logical_to_mesh_axes(("activation_batch", "activation_length"), rules)
   return NamedSharding(mesh, PartitionSpec(*spec))
