@@ -101,6 +101,18 @@ def setup(cfg, seed=0, batch=2, length=6):
   return layer, variables, x, ids
 
 
+def assert_param_grads_match(ours, ref, params, out_shape, seed):
+  """Gradients of <f(params), cot> for a random cotangent agree leaf by leaf."""
+  cot = jnp.asarray(np.random.default_rng(seed).normal(size=out_shape), jnp.float32)
+  g_ours = jax.grad(lambda p: jnp.sum(ours(p) * cot))(params)
+  g_ref = jax.grad(lambda p: jnp.sum(ref(p) * cot))(params)
+  assert len(jax.tree.leaves(g_ours)) == len(jax.tree.leaves(g_ref))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  return cot
+
+
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 @pytest.mark.parametrize("router", sorted(ROUTER_OVERRIDES))
 def test_layer_matches_loop_over_experts(router, dispatch):
@@ -116,12 +128,7 @@ def test_layer_matches_loop_over_experts(router, dispatch):
 
   np.testing.assert_allclose(np.asarray(ours(variables["params"])),
                              np.asarray(ref(variables["params"])), rtol=2e-5, atol=2e-5)
-  cot = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
-  g_ours = jax.grad(lambda p: jnp.sum(ours(p) * cot))(variables["params"])
-  g_ref = jax.grad(lambda p: jnp.sum(ref(p) * cot))(variables["params"])
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+  assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=1)
 
 
 def test_input_gradient_matches_loop():
@@ -189,12 +196,7 @@ def test_fused_dispatch_kernels_match_loop(router):
   ref = lambda p: reference_layer({**variables, "params": p}, cfg, x, ids)
   np.testing.assert_allclose(np.asarray(ours(variables["params"])),
                              np.asarray(ref(variables["params"])), rtol=1e-4, atol=1e-5)
-  cot = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
-  g_ours = jax.grad(lambda p: jnp.sum(ours(p) * cot))(variables["params"])
-  g_ref = jax.grad(lambda p: jnp.sum(ref(p) * cot))(variables["params"])
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+  cot = assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=2)
   g_x = jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot))(x)
   g_x_ref = jax.grad(lambda x: jnp.sum(reference_layer(variables, cfg, x, ids) * cot))(x)
   np.testing.assert_allclose(np.asarray(g_x), np.asarray(g_x_ref), rtol=1e-4, atol=1e-5)
