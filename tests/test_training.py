@@ -124,3 +124,5 @@ def test_short_run_loss_falls_and_leaves_artifacts(tmp_path):
   assert summary.heldout_bits_per_byte < 8.0
   assert os.path.getsize(summary.plot_path) > 1000
   assert os.listdir(tmp_path / "tensorboard")
+  # Every 3 steps and at the end, keeping the last keep_checkpoints=3.
+  assert loop.Checkpointer(str(tmp_path), 3).all_steps() == [36, 39, 40]
