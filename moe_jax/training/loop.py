@@ -190,44 +190,47 @@ def train_and_evaluate(config: Any, workdir: str,
   logger.truncate_after(start)
   end = tcfg.num_steps if stop_after_steps is None else min(
       tcfg.num_steps, start + stop_after_steps)
-  base_rng = jax.random.key(config.seed + 1)
-  pending = None   # (step, metrics) whose loss has not been checked yet
-  with run.context():
-    for step in range(start, end):
-      batch = run.global_batch(next(iterator))
-      state, metrics = run.train_step(state, batch, base_rng)
-      if pending is not None:
-        _check_finite(*pending, checkpointer)
-      pending = (step + 1, metrics)
-      done = step + 1
-      if done % tcfg.log_every == 0 or done == end:
-        _check_finite(done, metrics, checkpointer)
-        pending = None
-        host = _host_metrics(metrics)
-        rate = logger.log(done, host)
-        _say(format_progress(done, tcfg.num_steps, host["loss"], rate.tokens_per_sec,
-                             rate.eta_seconds))
-      if done % tcfg.eval_every == 0 and done != tcfg.num_steps:
-        loss, bpb = run.evaluate(state)
-        logger.log(done, {"eval/loss": loss, "eval/bits_per_byte": bpb})
-        _say(f"step {done}: held-out loss {loss:.4f} nats, {bpb:.4f} bits/byte")
-      if done % tcfg.checkpoint_every == 0 or done == end:
-        _check_finite(done, metrics, checkpointer)
-        _check_state_finite(done, state, checkpointer)
-        pending = None
-        checkpointer.save(done, state, iterator.get_state())
+  try:
+    base_rng = jax.random.key(config.seed + 1)
+    pending = None   # (step, metrics) whose loss has not been checked yet
+    with run.context():
+      for step in range(start, end):
+        batch = run.global_batch(next(iterator))
+        state, metrics = run.train_step(state, batch, base_rng)
+        if pending is not None:
+          _check_finite(*pending, checkpointer)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == end:
+          _check_finite(done, metrics, checkpointer)
+          pending = None
+          host = _host_metrics(metrics)
+          rate = logger.log(done, host)
+          _say(format_progress(done, tcfg.num_steps, host["loss"], rate.tokens_per_sec,
+                               rate.eta_seconds))
+        if done % tcfg.eval_every == 0 and done != tcfg.num_steps:
+          loss, bpb = run.evaluate(state)
+          logger.log(done, {"eval/loss": loss, "eval/bits_per_byte": bpb})
+          _say(f"step {done}: held-out loss {loss:.4f} nats, {bpb:.4f} bits/byte")
+        if done % tcfg.checkpoint_every == 0 or done == end:
+          _check_finite(done, metrics, checkpointer)
+          _check_state_finite(done, state, checkpointer)
+          pending = None
+          checkpointer.save(done, state, iterator.get_state())
 
-  final = int(jax.device_get(state.step))
-  heldout_loss = bpb = plot = None
-  if final >= tcfg.num_steps:
-    heldout_loss, bpb = run.evaluate(state)
-    logger.log(final, {"eval/loss": heldout_loss, "eval/bits_per_byte": bpb})
-    logger.flush()
-    if jax.process_index() == 0 and config.model.moe_every > 0:
-      plot = plot_expert_load(os.path.join(workdir, "metrics.jsonl"),
-                              os.path.join(workdir, "expert_load.png"))
-    _say(f"final held-out: {heldout_loss:.4f} nats/byte = {bpb:.4f} bits/byte; "
-         f"unigram entropy of the training bytes: {entropy:.4f} bits/byte")
-  checkpointer.close()
-  logger.close()
+    final = int(jax.device_get(state.step))
+    heldout_loss = bpb = plot = None
+    if final >= tcfg.num_steps:
+      heldout_loss, bpb = run.evaluate(state)
+      logger.log(final, {"eval/loss": heldout_loss, "eval/bits_per_byte": bpb})
+      logger.flush()
+      if jax.process_index() == 0 and config.model.moe_every > 0:
+        plot = plot_expert_load(os.path.join(workdir, "metrics.jsonl"),
+                                os.path.join(workdir, "expert_load.png"))
+      _say(f"final held-out: {heldout_loss:.4f} nats/byte = {bpb:.4f} bits/byte; "
+           f"unigram entropy of the training bytes: {entropy:.4f} bits/byte")
+  finally:
+    # Also on errors and interrupts: flush logs, finish any checkpoint in flight.
+    checkpointer.close()
+    logger.close()
   return RunSummary(final, heldout_loss, bpb, entropy, checkpointer.directory, plot)
