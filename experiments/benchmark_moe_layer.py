@@ -19,7 +19,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers.experts import FUSED_IMPLS
+from moe_jax.layers.experts import FUSED_IMPLS, Experts
 from moe_jax.layers.moe import MoeConfig, MoeLayer
 from moe_jax.ops.grouped_matmul import resolve_impl
 from moe_jax.routing import RouterConfig
@@ -27,6 +27,8 @@ from moe_jax.routing import RouterConfig
 _PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "smoke"], "Which shapes to time.")
 _IMPLS = flags.DEFINE_list("impls", ["auto", "ragged_dot"], "grouped_matmul implementations.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False,
+                                "Also time the expert stage alone (with the layer's group sizes).")
 _FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
                            "model.moe.fused_dispatch values to time (on: Pallas impls only).")
 
@@ -79,6 +81,37 @@ def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int) -> float:
   return median_seconds(fwd_bwd, params, x, iters=iters)
 
 
+def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
+  """The layer's expert stage alone: same weights shapes, same routed group sizes."""
+  cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
+                  gmm_impl=impl, router=RouterConfig(name="topk", num_experts=shape.num_experts,
+                                                     top_k=shape.top_k))
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
+  layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
+  variables = jax.jit(layer.init)(key, x)
+  _, state = jax.jit(lambda v, x: layer.apply(v, x, mutable=["moe"]))(variables, x)
+  load = state["moe"]["metrics"][0]["expert_load"]
+  rows = shape.tokens * shape.top_k
+  sizes = jnp.floor(load * rows).astype(jnp.int32)
+  sizes = sizes.at[0].add(rows - jnp.sum(sizes))
+  experts = Experts(num_experts=shape.num_experts, d_hidden=shape.d_expert,
+                    gmm_impl=resolve_impl(impl, x[0], jnp.zeros((1, shape.d_model, 1), dtype)).name,
+                    dtype=dtype, param_dtype=dtype)
+  buffer = jax.random.normal(key, (rows, shape.d_model), dtype)
+  params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p,
+                        jax.jit(experts.init)(key, buffer, sizes)["params"],
+                        is_leaf=lambda p: hasattr(p, "unbox"))
+
+  @jax.jit
+  def fwd_bwd(params, buffer):
+    def loss(params, buffer):
+      return jnp.sum(experts.apply({"params": params}, buffer, sizes).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(params, buffer)
+
+  return median_seconds(fwd_bwd, params, buffer, iters=iters)
+
+
 def dense_time(shape: Shape, dtype, iters: int) -> float:
   rows = shape.tokens * shape.top_k
   key = jax.random.split(jax.random.key(1), 4)
@@ -126,6 +159,13 @@ def main(argv):
           seconds = None
         label = resolved + (", fused dispatch" if fused == "on" else "")
         print_row(shape.name, f"moe layer [{label}]", seconds, flops, base)
+      if _BREAKDOWN.value:
+        try:
+          seconds = experts_only_time(shape, impl, dtype, _ITERS.value)
+        except jax.errors.JaxRuntimeError as e:
+          print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
+          seconds = None
+        print_row(shape.name, f"experts only [{resolved}]", seconds, flops, base)
 
 
 if __name__ == "__main__":
