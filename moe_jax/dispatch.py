@@ -125,9 +125,8 @@ def make_plan(routing: Routing, mode: str, capacity_factor: float = 1.0) -> Disp
 
 
 def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-  """x[index] where index == len(x) selects a zero row."""
-  padded = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
-  return jnp.take(padded, index, axis=0, mode="clip")
+  """x[index] where index == len(x) selects a zero row (no padded copy of x)."""
+  return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
 @jax.custom_vjp
@@ -176,5 +175,7 @@ def combine(y_buffer: jax.Array, plan: DispatchPlan, weights: jax.Array) -> jax.
   num_tokens, k = plan.combine_index.shape
   slots = _collect_slots(y_buffer, plan.combine_index, plan.buffer_slot_index)
   slots = slots.reshape(num_tokens, k, -1)
-  return jnp.einsum("tkd,tk->td", slots.astype(jnp.float32),
-                    weights.astype(jnp.float32)).astype(y_buffer.dtype)
+  # Multiply-and-reduce (one fused pass over the slots), not a batched dot, which
+  # would materialise float32 copies of [T, K, d] forward and backward.
+  weighted = slots.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
+  return jnp.sum(weighted, axis=1).astype(y_buffer.dtype)
