@@ -27,6 +27,9 @@ from moe_jax.routing import RouterConfig
 _PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "smoke"], "Which shapes to time.")
 _IMPLS = flags.DEFINE_list("impls", ["auto", "ragged_dot"], "grouped_matmul implementations.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
+_ONLY = flags.DEFINE_list("only", [], "Time only the shapes with these names.")
+_SKIP_DENSE = flags.DEFINE_bool("skip_dense", False,
+                                "Skip the dense baseline (e.g. under a profiler).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
                                 "Also time the expert stage alone (with the layer's group sizes).")
 _FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
@@ -143,8 +146,10 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; dtype {dtype.__name__}")
   print(f"{'shape':<14} {'what':<34} {'ms':>9} {'TF/s':>8} {'ratio':>6}", flush=True)
   for shape in PRESETS[_PRESET.value]:
+    if _ONLY.value and shape.name not in _ONLY.value:
+      continue
     flops = 3 * 2 * 3 * shape.tokens * shape.top_k * shape.d_model * shape.d_expert
-    base = dense_time(shape, dtype, _ITERS.value)
+    base = float("nan") if _SKIP_DENSE.value else dense_time(shape, dtype, _ITERS.value)
     print_row(shape.name, "dense-equivalent", base, flops, base)
     for impl in _IMPLS.value:
       probe = jnp.zeros((1, shape.d_model), dtype)
