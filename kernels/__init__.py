@@ -70,6 +70,10 @@ def _register():
   op.register_impl(op.GmmImpl(
       "megablox", lambda x, w, gs, dt: _tpu.gmm(x, w, gs, dt), _megablox_reason),
       prefer_on=("tpu",))
+  op.register_impl(op.GmmImpl(
+      "megablox_interpret", lambda x, w, gs, dt: _tpu.gmm(x, w, gs, dt, interpret=True),
+      lambda x, w, platform: ("jax.experimental.pallas.ops.tpu.megablox is not importable"
+                              if not _tpu.available() else _dtype_reason(x, w))))
 
 
 _register()

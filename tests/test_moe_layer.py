@@ -57,7 +57,7 @@ def kept_slots(routing, capacity):
 
 def reference_layer(variables, cfg, x, token_ids, train=False):
   params = variables["params"]
-  xt = x.reshape(-1, D_MODEL)
+  xt = x.reshape(-1, x.shape[-1])
   definition = get_router(cfg.router.name)
   hp = jax.lax.Precision.HIGHEST
   inputs = RouterInputs(
@@ -85,9 +85,9 @@ def reference_layer(variables, cfg, x, token_ids, train=False):
   return y.reshape(x.shape)
 
 
-def setup(cfg, seed=0, batch=2, length=6):
+def setup(cfg, seed=0, batch=2, length=6, d_model=D_MODEL):
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, length, D_MODEL)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(batch, length, d_model)), jnp.float32)
   ids = jnp.asarray(rng.integers(0, 256, (batch, length)), jnp.int32)
   layer = MoeLayer(cfg)
   variables = layer.init({"params": jax.random.key(seed), "router": jax.random.key(1)}, x, ids,
@@ -185,13 +185,18 @@ def test_sigmoid_bias_moves_toward_balance_in_training():
   np.testing.assert_allclose(delta, 0.1 * np.sign(load.mean() - load), atol=1e-7)
 
 
-@pytest.mark.parametrize("router", ["topk", "dense_to_sparse"])
-def test_fused_dispatch_kernels_match_loop(router):
-  # The Pallas kernels run in interpret mode on CPU: gather rows on load, write
-  # weighted rows to their slots, so no separate dispatch/combine is emitted.
-  cfg = dataclasses.replace(make_cfg(router, "dropless"), gmm_impl="pallas_triton_interpret",
-                            fused_dispatch="on")
-  layer, variables, x, ids = setup(cfg, seed=4)
+@pytest.mark.parametrize("router,impl", [("topk", "pallas_triton_interpret"),
+                                         ("dense_to_sparse", "pallas_triton_interpret"),
+                                         ("topk", "megablox_interpret")])
+def test_fused_dispatch_kernels_match_loop(router, impl):
+  # The Pallas kernels (GPU Triton, or TPU Mosaic) run in interpret mode on CPU:
+  # gather rows on load, write weighted rows to their slots, so no separate
+  # dispatch/combine is emitted. The TPU kernels need d and f multiples of 128.
+  cfg = dataclasses.replace(make_cfg(router, "dropless"), gmm_impl=impl, fused_dispatch="on")
+  if impl.startswith("megablox"):
+    cfg = dataclasses.replace(cfg, d_expert=128)
+  layer, variables, x, ids = setup(cfg, seed=4,
+                                   d_model=128 if impl.startswith("megablox") else D_MODEL)
   ours = lambda p: layer.apply({**variables, "params": p}, x, ids, step=3)
   ref = lambda p: reference_layer({**variables, "params": p}, cfg, x, ids)
   np.testing.assert_allclose(np.asarray(ours(variables["params"])),

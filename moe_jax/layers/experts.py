@@ -6,6 +6,7 @@ ragged_dot, Pallas kernels, the reference) is a config choice.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -28,9 +29,14 @@ def activation_by_name(name: str, field: str) -> Callable[[jax.Array], jax.Array
   return ACTIVATIONS[name]
 
 
-# grouped_matmul implementations whose kernels can also gather rows on load and
-# write weighted rows to their slots (moe_kernels.fused); value: interpret mode.
-FUSED_IMPLS = {"pallas_triton": False, "pallas_triton_interpret": True}
+# grouped_matmul implementations with sibling kernels that gather rows on load and
+# write weighted rows to their slots: impl -> (module in moe_kernels, interpret mode).
+FUSED_IMPLS = {
+    "pallas_triton": ("fused", False),
+    "pallas_triton_interpret": ("fused", True),
+    "megablox": ("tpu_fused", False),
+    "megablox_interpret": ("tpu_fused", True),
+}
 
 
 @struct.dataclass
@@ -92,8 +98,8 @@ class Experts(nn.Module):
       def last(hidden, w):
         return grouped_matmul(hidden, w, group_sizes, impl=self.gmm_impl)
     else:
-      from moe_kernels import fused as fused_kernels  # pylint: disable=g-import-not-at-top
-      interpret = FUSED_IMPLS[self.gmm_impl]
+      module, interpret = FUSED_IMPLS[self.gmm_impl]
+      fused_kernels = importlib.import_module(f"moe_kernels.{module}")
       k = fused.slots_per_token
 
       def first(tokens, w):
