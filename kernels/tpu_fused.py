@@ -138,6 +138,21 @@ def _row_mask(tile, lo, hi, tm):
   return (rows >= lo) & (rows < hi)
 
 
+def _gather_rows(hbm, idx_ref, first, col0, buf, sem):
+  """buf[r] = hbm[idx_ref[first + r], col0:col0 + width] for every row r of buf.
+
+  Every row copy is started before any is waited on, so the DMAs overlap.
+  """
+  rows, width = buf.shape
+
+  def row_copy(r):
+    return pltpu.make_async_copy(hbm.at[pl.ds(idx_ref[first + r], 1), pl.ds(col0, width)],
+                                 buf.at[pl.ds(r, 1)], sem.at[0])
+
+  lax.fori_loop(0, rows, lambda r, c: (row_copy(r).start(), c)[1], 0)
+  lax.fori_loop(0, rows, lambda r, c: (row_copy(r).wait(), c)[1], 0)
+
+
 def _gather_kernel(tile_ref, grp_ref, lo_ref, hi_ref, first_ref, idx_ref,
                    x_hbm, w_ref, o_ref, xbuf, acc, sem, *, tm, tk, transpose_rhs):
   del grp_ref
@@ -148,16 +163,9 @@ def _gather_kernel(tile_ref, grp_ref, lo_ref, hi_ref, first_ref, idx_ref,
   def _():
     acc[...] = jnp.zeros_like(acc)
 
-  def row_copy(r):
-    tok = idx_ref[tile * tm + r]
-    return pltpu.make_async_copy(x_hbm.at[pl.ds(tok, 1), pl.ds(k * tk, tk)],
-                                 xbuf.at[pl.ds(r, 1)], sem.at[0])
-
   @pl.when(lo < hi)
   def _():
-    # Start every row copy before waiting on any, so the DMAs overlap.
-    lax.fori_loop(0, tm, lambda r, c: (row_copy(r).start(), c)[1], 0)
-    lax.fori_loop(0, tm, lambda r, c: (row_copy(r).wait(), c)[1], 0)
+    _gather_rows(x_hbm, idx_ref, tile * tm, k * tk, xbuf, sem)
     acc[...] += _dot(xbuf[...], w_ref[...], transpose_rhs)
 
   @pl.when(k == pl.num_programs(2) - 1)
@@ -276,15 +284,9 @@ def _tgmm_kernel(tile_ref, grp_ref, lo_ref, hi_ref, gfirst_ref, glast_ref, idx_r
   def _():
     acc[...] = jnp.zeros_like(acc)
 
-  def row_copy(r):
-    src = idx_ref[tile * tm + r]
-    return pltpu.make_async_copy(g_hbm.at[pl.ds(src, 1), pl.ds(col * tg, tg)],
-                                 gbuf.at[pl.ds(r, 1)], sem.at[0])
-
   @pl.when(lo < hi)
   def _():
-    lax.fori_loop(0, tm, lambda r, c: (row_copy(r).start(), c)[1], 0)
-    lax.fori_loop(0, tm, lambda r, c: (row_copy(r).wait(), c)[1], 0)
+    _gather_rows(g_hbm, idx_ref, tile * tm, col * tg, gbuf, sem)
     # Rows are contracted, so rows of other groups must be zeroed.
     g = jnp.where(_row_mask(tile, lo, hi, tm), gbuf[...], 0).astype(gbuf.dtype)
     lhs, rhs = (g, b_ref[...]) if gathered_is_a else (b_ref[...], g)
