@@ -46,6 +46,7 @@ def _import_kernels():
 _import_kernels()
 from moe_kernels import fused  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import gmm as gmm_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from moe_kernels import gmm_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import gmm_triton  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import tuning  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -55,13 +56,17 @@ SHAPES = {
     "fine-1408": (65536, 2048, 1408, 64),
     "dsv3": (131072, 7168, 2048, 256),
     "decode": (256, 4096, 1024, 64),
+    "mixtral-up": (16384, 4096, 14336, 8),    # the Mixtral-like layer's gate/up
+    "mixtral-down": (16384, 14336, 4096, 8),  # and its down projection
     "tiny": (200, 64, 96, 4),  # CPU smoke test with --interpret
 }
 
-_SHAPES = flags.DEFINE_list("shapes", [s for s in SHAPES if s != "tiny"], "names from SHAPES")
+_SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "dsv3", "decode"],
+                            f"names from {sorted(SHAPES)}")
 _DISTS = flags.DEFINE_list("dists", ["balanced", "skewed"], "group-size distributions")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_triton", "ragged_dot"], "implementations")
-_MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"], "fwd and/or fwdbwd")
+_MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
+                           "fwd, fwdbwd, and/or tgmm (the weight-gradient kernel alone)")
 _ITERS = flags.DEFINE_integer("iters", 20, "calls per timing sample")
 _REPS = flags.DEFINE_integer("reps", 5, "timing samples (median taken)")
 _CHECK = flags.DEFINE_bool("check", False, "check correctness before timing")
@@ -161,9 +166,24 @@ def impl_fn(name):
                                         interpret=_INTERPRET.value)
   if name == "pallas_triton":
     return lambda x, w, gs: gmm_lib.gmm(x, w, gs, interpret=_INTERPRET.value)
+  if name == "pallas_mosaic":
+    return lambda x, w, gs: gmm_lib.gmm(x, w, gs, backend="mosaic", interpret=_INTERPRET.value)
+  if name.startswith("pallas_mosaic@"):  # forward only; tiles tm/tn/tk/stages/window
+    tm, tn, tk, stages, window = (int(v) for v in name.split("@")[1].split("/"))
+    tiles = gmm_mosaic.Tiles(tm=tm, tn=tn, tk=tk, stages=stages, window=window)
+    return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
   if name == "ragged_dot":
     return _ragged
   raise ValueError(name)
+
+
+def tgmm_fn(name):
+  """The weight-gradient kernel alone (mode "tgmm"); same FLOPs as the forward."""
+  backend = {"pallas_triton": "triton", "pallas_mosaic": "mosaic"}.get(name)
+  if backend is None:
+    return None
+  return lambda x, dy, gs: gmm_lib.tgmm_call(x, dy, gs, x.dtype, num_rows=x.shape[0],
+                                             backend=backend, interpret=_INTERPRET.value)
 
 
 def fwdbwd(f):
@@ -191,7 +211,7 @@ def rel_err(a, b):
 def check(log):
   """Device correctness: kernels vs lax.ragged_dot (f32 accumulation) on the same inputs."""
   cases = [(1000, 256, 384, 8, "skewed"), (300, 200, 136, 5, "balanced"),
-           (4096, 512, 768, 16, "skewed")]
+           (4096, 512, 768, 16, "skewed"), (2000, 1024, 512, 3, "skewed")]
   for dtype in (jnp.bfloat16, jnp.float32):
     for (m, k, n, e, dist) in cases:
       gs_np = group_sizes(m - 37, e, dist)  # leave a zero tail
@@ -206,16 +226,18 @@ def check(log):
       valid = (np.arange(m) < gs_np.sum())[:, None]
       ry = np.where(valid, np.asarray(ry), 0)
       rdx = np.where(valid, np.asarray(rdx), 0)
-      y, dx, dw = jax.jit(fwdbwd(impl_fn("pallas_triton")))(x, w, gs, dy)
-      errs = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
-      tail_zero = bool(np.all(np.asarray(y, np.float32)[m - 37:] == 0))
-      finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in (y, dx, dw))
-      tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
-      ok = finite and tail_zero and max(errs) < tol
-      row = dict(kind="check", dtype=jnp.dtype(dtype).name, shape=(m, k, n, e), dist=dist,
-                 err_y=errs[0], err_dx=errs[1], err_dw=errs[2], tail_zero=tail_zero, ok=ok)
-      log.append(row)
-      print(json.dumps(row), flush=True)
+      for impl in [i for i in _IMPLS.value if i.startswith("pallas_")] or ["pallas_triton"]:
+        y, dx, dw = jax.jit(fwdbwd(impl_fn(impl)))(x, w, gs, dy)
+        errs = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
+        tail_zero = bool(np.all(np.asarray(y, np.float32)[m - 37:] == 0))
+        finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in (y, dx, dw))
+        tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+        ok = finite and tail_zero and max(errs) < tol
+        row = dict(kind="check", impl=impl, dtype=jnp.dtype(dtype).name, shape=(m, k, n, e),
+                   dist=dist, err_y=errs[0], err_dx=errs[1], err_dw=errs[2],
+                   tail_zero=tail_zero, ok=ok)
+        log.append(row)
+        print(json.dumps(row), flush=True)
 
 
 def check_fused(log):
@@ -262,7 +284,7 @@ def run_bench(log):
     # fwd+bwd is three matmuls of these FLOPs: the dense baseline is 3x the dense
     # forward (XLA's own vjp of a bf16 dot with f32 output upcasts dy and is slower).
     t_fwd = bench(dense_f, x, wd)
-    t_dense = {"fwd": t_fwd, "fwdbwd": 3 * t_fwd}
+    t_dense = {"fwd": t_fwd, "fwdbwd": 3 * t_fwd, "tgmm": t_fwd}
     for mode in _MODES.value:
       t = t_dense[mode]
       f = flops * (3 if mode == "fwdbwd" else 1)
@@ -277,11 +299,16 @@ def run_bench(log):
           continue  # XLA pads ragged_dot to E dense matmuls: minutes per shape
         slow = dict(iters=3, reps=3) if impl == "ragged_dot" else {}
         for mode in _MODES.value:
-          if impl in ("pallas_dense", "pallas_e1") and (mode != "fwd" or dist != "balanced"):
+          if (impl in ("pallas_dense", "pallas_e1") or "@" in impl) and (
+              mode != "fwd" or dist != "balanced"):
             continue
           fn = impl_fn(impl)
+          if mode == "tgmm" and tgmm_fn(impl) is None:
+            continue
           try:
-            if mode == "fwd":
+            if mode == "tgmm":
+              _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(tgmm_fn(impl)), (x, dy, gs))
+            elif mode == "fwd":
               _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(fn), (x, w, gs), **slow)
             else:
               _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(fwdbwd(fn)),

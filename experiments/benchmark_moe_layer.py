@@ -11,6 +11,7 @@ their backward. ratio = baseline time / layer time (1.0 = as fast as dense).
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 
@@ -32,6 +33,9 @@ _SKIP_DENSE = flags.DEFINE_bool("skip_dense", False,
                                 "Skip the dense baseline (e.g. under a profiler).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
                                 "Also time the expert stage alone (with the layer's group sizes).")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None, "If set, also record a jax.profiler trace (perfetto json) of a few "
+    "layer steps per shape and implementation here, and print the top GPU kernels.")
 _FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
                            "model.moe.fused_dispatch values to time (on: Pallas impls only).")
 
@@ -64,7 +68,8 @@ def median_seconds(fn, *args, iters: int) -> float:
   return statistics.median(times)
 
 
-def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int) -> float:
+def layer_step(shape: Shape, impl: str, fused: str, dtype):
+  """The jitted layer forward+backward and its arguments."""
   cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
                   gmm_impl=impl, fused_dispatch=fused, router=RouterConfig(name="topk", num_experts=shape.num_experts,
                                                      top_k=shape.top_k))
@@ -81,7 +86,26 @@ def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int) -> float:
       return jnp.sum(layer.apply({"params": params}, x).astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
-  return median_seconds(fwd_bwd, params, x, iters=iters)
+  return fwd_bwd, (params, x)
+
+
+def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int) -> float:
+  fn, args = layer_step(shape, impl, fused, dtype)
+  return median_seconds(fn, *args, iters=iters)
+
+
+def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str) -> None:
+  """Records a profiler trace of three layer steps and prints its top device kernels."""
+  from experiments import trace_summary  # pylint: disable=g-import-not-at-top
+  fn, args = layer_step(shape, impl, fused, dtype)
+  jax.block_until_ready(fn(*args))
+  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}")
+  with jax.profiler.trace(run_dir, create_perfetto_trace=True):
+    for _ in range(3):
+      jax.block_until_ready(fn(*args))
+  for path in trace_summary.find_traces(run_dir):
+    print(f"trace {path} (3 steps):")
+    trace_summary.print_summary(trace_summary.kernel_times(path), steps=3)
 
 
 def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
@@ -164,6 +188,8 @@ def main(argv):
           seconds = None
         label = resolved + (", fused dispatch" if fused == "on" else "")
         print_row(shape.name, f"moe layer [{label}]", seconds, flops, base)
+        if _TRACE_DIR.value and seconds is not None:
+          trace_layer(shape, impl, fused, dtype, _TRACE_DIR.value)
       if _BREAKDOWN.value:
         try:
           seconds = experts_only_time(shape, impl, dtype, _ITERS.value)

@@ -3,13 +3,21 @@
 Importing this package registers grouped-matmul implementations with
 ``moe_jax.ops.grouped_matmul``:
 
+- ``pallas_mosaic``: Pallas Mosaic GPU gmm (persistent, warp-specialized, TMA +
+  wgmma) for the forward and input-gradient products and Mosaic GPU tgmm for the
+  weight gradient; Hopper (sm_90) and newer, 16-bit floats. First choice of
+  ``impl="auto"`` on such GPUs; other shapes/dtypes fall back per product to
+  the Triton kernels.
+- ``pallas_mosaic_interpret``: the same through the Mosaic GPU and Triton
+  interpreters (CPU tests).
 - ``pallas_triton``: Pallas (Triton backend) gmm/tgmm with a custom VJP; GPU only,
-  first choice of ``impl="auto"`` on GPU.
+  ``impl="auto"``'s choice on GPUs older than Hopper.
 - ``pallas_triton_interpret``: the same kernels through the Pallas interpreter;
   runs anywhere, slowly. For tests; never chosen by ``auto``.
 - ``megablox``: jax's Mosaic TPU gmm/tgmm; TPU only, first choice on TPU.
 
-Modules: ``gmm`` (differentiable gmm with tuned tiles), ``gmm_triton`` (the
+Modules: ``gmm`` (differentiable gmm with tuned tiles), ``gmm_mosaic`` and
+``tgmm_mosaic`` (the Mosaic GPU kernels), ``gmm_triton`` (the
 kernels: gmm, tgmm, with gather/scatter/scale options), ``fused``
 (``gmm_gather`` for dispatch, ``gmm_combine`` for the weighted combine, each
 with its VJP), ``schedule`` (row-tile schedule), ``tuning`` / ``tuning_table``
@@ -41,6 +49,24 @@ def _triton_reason(x, w, platform):
   return _dtype_reason(x, w)
 
 
+def _compute_capability() -> float:
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+  except (RuntimeError, ValueError):
+    return 0.0
+
+
+def _mosaic_reason(x, w, platform):
+  if platform != "gpu":
+    return (f"needs an NVIDIA GPU of compute capability 9.0 or newer (Mosaic GPU), running "
+            f"on {platform!r}; use 'pallas_mosaic_interpret' to run the kernels on CPU")
+  cc = _compute_capability()
+  if cc < 9.0:
+    return f"needs compute capability 9.0 or newer (wgmma/TMA), this GPU has {cc}"
+  return _dtype_reason(x, w)
+
+
 def _interpret_reason(x, w, platform):
   del platform
   return _dtype_reason(x, w)
@@ -63,6 +89,16 @@ def _register():
       "pallas_triton",
       lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt), _triton_reason),
       prefer_on=("gpu",))
+  # Registered after pallas_triton so that it comes first in the GPU order;
+  # on a GPU without sm_90 its reason makes auto move on to pallas_triton.
+  op.register_impl(op.GmmImpl(
+      "pallas_mosaic",
+      lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, backend="mosaic"), _mosaic_reason),
+      prefer_on=("gpu",))
+  op.register_impl(op.GmmImpl(
+      "pallas_mosaic_interpret",
+      lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, backend="mosaic", interpret=True),
+      _interpret_reason))
   op.register_impl(op.GmmImpl(
       "pallas_triton_interpret",
       lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, interpret=True),

@@ -2,6 +2,11 @@
 
 ``gmm(x, w, group_sizes)`` has a custom VJP: ``dx = gmm(dy, w^T)`` (read
 transposed inside the kernel, no copy of w) and ``dw = tgmm(x, dy)``.
+
+``backend`` picks the kernels of the two gmm products: ``"triton"``
+(``gmm_triton``, any dtype) or ``"mosaic"`` (``gmm_mosaic``, Hopper, 16-bit
+floats, K and N tile multiples; a product it cannot take goes to the Triton
+kernel). The weight gradient follows the same rule with ``tgmm_mosaic``.
 """
 from __future__ import annotations
 
@@ -11,13 +16,29 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from moe_kernels import gmm_mosaic
 from moe_kernels import gmm_triton
+from moe_kernels import tgmm_mosaic
 from moe_kernels import tuning
+
+BACKENDS = ("triton", "mosaic")
+
+
+def mosaic_takes(x, w, *, transpose_rhs=False) -> bool:
+  """Whether gmm_mosaic runs this product (else the Triton kernel does)."""
+  m, k = x.shape
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  tiles = gmm_mosaic.default_tiles(m, k, n, w.shape[0])
+  return gmm_mosaic.unsupported_reason(k, n, x.dtype, tiles) is None
 
 
 def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=False,
-             config: Optional[tuning.Config] = None, **fused):
-  """gmm_triton.gmm with the tuned tiles for this shape (``fused``: index/scale options)."""
+             config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
+  """One gmm product with the tuned tiles for this shape (``fused``: index/scale options)."""
+  if backend == "mosaic" and not fused and config is None and mosaic_takes(
+      x, w, transpose_rhs=transpose_rhs):
+    return gmm_mosaic.gmm(x, w, group_sizes, out_dtype=out_dtype,
+                          transpose_rhs=transpose_rhs, interpret=interpret)
   m = fused["lhs_index"].shape[0] if fused.get("lhs_index") is not None else x.shape[0]
   n = w.shape[1] if transpose_rhs else w.shape[2]
   cfg = config or tuning.lookup("gmm", m, x.shape[1], n, w.shape[0], x.dtype)
@@ -28,7 +49,12 @@ def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=Fal
 
 
 def tgmm_call(x, dy, group_sizes, out_dtype, *, num_rows, interpret=False,
-              config: Optional[tuning.Config] = None, **fused):
+              config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
+  if (backend == "mosaic" and not fused and config is None and num_rows == x.shape[0]
+      and tgmm_mosaic.unsupported_reason(
+          x.shape[1], dy.shape[1], x.dtype,
+          tgmm_mosaic.default_tiles(x.shape[1], dy.shape[1])) is None):
+    return tgmm_mosaic.tgmm(x, dy, group_sizes, out_dtype=out_dtype, interpret=interpret)
   cfg = config or tuning.lookup("tgmm", num_rows, x.shape[1], dy.shape[1],
                                 group_sizes.shape[0], x.dtype)
   return gmm_triton.tgmm(x, dy, group_sizes, out_dtype=out_dtype, num_rows=num_rows,
@@ -36,23 +62,25 @@ def tgmm_call(x, dy, group_sizes, out_dtype, *, num_rows, interpret=False,
                          num_stages=cfg.num_stages, interpret=interpret, **fused)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm(x, w, group_sizes, out_dtype, interpret, configs):
-  return fwd_call(x, w, group_sizes, out_dtype, interpret=interpret, config=configs[0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gmm(x, w, group_sizes, out_dtype, interpret, configs, backend):
+  return fwd_call(x, w, group_sizes, out_dtype, interpret=interpret, config=configs[0],
+                  backend=backend)
 
 
-def _gmm_fwd(x, w, group_sizes, out_dtype, interpret, configs):
-  return _gmm(x, w, group_sizes, out_dtype, interpret, configs), (x, w, group_sizes)
+def _gmm_fwd(x, w, group_sizes, out_dtype, interpret, configs, backend):
+  return (_gmm(x, w, group_sizes, out_dtype, interpret, configs, backend),
+          (x, w, group_sizes))
 
 
-def _gmm_bwd(out_dtype, interpret, configs, res, dy):
+def _gmm_bwd(out_dtype, interpret, configs, backend, res, dy):
   del out_dtype
   x, w, group_sizes = res
   dy = dy.astype(x.dtype)
   dx = fwd_call(dy, w, group_sizes, x.dtype, transpose_rhs=True, interpret=interpret,
-                config=configs[1])
+                config=configs[1], backend=backend)
   dw = tgmm_call(x, dy, group_sizes, w.dtype, num_rows=x.shape[0], interpret=interpret,
-                 config=configs[2])
+                 config=configs[2], backend=backend)
   return dx, dw, None
 
 
@@ -61,12 +89,17 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
         out_dtype: Optional[jnp.dtype] = None, *, interpret: bool = False,
-        configs: tuple[Optional[tuning.Config], ...] = (None, None, None)) -> jax.Array:
+        configs: tuple[Optional[tuning.Config], ...] = (None, None, None),
+        backend: str = "triton") -> jax.Array:
   """x[M, K] @ w[E, K, N] by contiguous row groups -> [M, N] (zeros past the groups).
 
-  ``configs`` overrides the tuned tiles of (forward gmm, input-gradient gmm, tgmm).
+  ``configs`` overrides the tuned Triton tiles of (forward gmm, input-gradient
+  gmm, tgmm); an overridden product runs on the Triton kernel.
   """
   if x.dtype != w.dtype:
     raise ValueError(f"gmm wants x and w of one dtype; got {x.dtype} and {w.dtype}")
+  if backend not in BACKENDS:
+    raise ValueError(f"gmm backend={backend!r}; choose one of {BACKENDS}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  return _gmm(x, w, group_sizes.astype(jnp.int32), out_dtype, interpret, tuple(configs))
+  return _gmm(x, w, group_sizes.astype(jnp.int32), out_dtype, interpret, tuple(configs),
+              backend)

@@ -19,3 +19,21 @@ def test_moe_layer_benchmark_smoke():
   assert any("moe layer [reference]" in l for l in lines)
   assert any("moe layer [pallas_triton_interpret, fused dispatch]" in l for l in lines)
   assert any("experts only [ragged_dot]" in l for l in lines)
+
+
+def test_moe_layer_trace_summary(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_moe_layer", "--preset=smoke",
+       "--impls=auto", "--fused_dispatch=off", "--iters=1", "--skip_dense",
+       f"--trace_dir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "device time per step" in out.stdout, out.stdout[-2000:]
+  summary = subprocess.run(
+      [sys.executable, "-m", "experiments.trace_summary", str(tmp_path), "--steps=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert summary.returncode == 0, summary.stderr[-2000:]
+  # The layer's jitted step shows up as an XLA program with a positive time.
+  rows = [l.split() for l in summary.stdout.splitlines() if l.strip().startswith(tuple("0123456789"))]
+  assert rows and float(rows[0][0]) > 0

@@ -32,6 +32,10 @@ def activation_by_name(name: str, field: str) -> Callable[[jax.Array], jax.Array
 # grouped_matmul implementations with sibling kernels that gather rows on load and
 # write weighted rows to their slots: impl -> (module in moe_kernels, interpret mode).
 FUSED_IMPLS = {
+    # The fused gather/combine kernels are Triton-backend kernels; the Mosaic
+    # impls use them too when fused dispatch is on.
+    "pallas_mosaic": ("fused", False),
+    "pallas_mosaic_interpret": ("fused", True),
     "pallas_triton": ("fused", False),
     "pallas_triton_interpret": ("fused", True),
     "megablox": ("tpu_fused", False),

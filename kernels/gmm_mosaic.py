@@ -1,0 +1,244 @@
+"""Grouped matmul on Hopper through Pallas Mosaic GPU: persistent and warp-specialized.
+
+``gmm(x[M, K], w[E, K, N], group_sizes)`` (or ``w[E, N, K]`` read transposed,
+for the input gradient) with the row schedule of ``moe_kernels.schedule``:
+a visit is a (row tile, group) pair, and a row tile that straddles group
+boundaries is visited once per group, each visit storing only its group's rows.
+
+Structure of one CTA (three warpgroups, one CTA per SM, persistent):
+
+- a memory warpgroup issues TMA loads of the [tm, tk] x tile and the
+  [tk, 2 tn] weight tile into a ring of ``stages`` shared-memory slots;
+- two compute warpgroups each own half of the output columns ([tm, tn], float32
+  accumulator in registers) and run ``wgmma`` on the shared slots;
+- work items (visit, column block) are dealt round-robin to the CTAs, so the
+  memory warpgroup prefetches the next item's tiles while the compute
+  warpgroups store the current one. Items run in windows of ``window`` visits
+  that sweep the column blocks (snaking), so a weight block is fetched from
+  HBM once per window rather than once per visit.
+
+The epilogue stores a visit's rows [lo, hi) of the tile with TMA. TMA box sizes
+are static, so a partial row range is stored as at most log2(tm) + 1 boxes of
+power-of-two heights (one box for a full tile). Rows past ``sum(group_sizes)``
+are written as zeros by their own visits.
+
+Limits (``unsupported_reason`` says which one failed): 16-bit floats only
+(float32 goes to the Triton kernels, which use exact float32 dots), K a
+multiple of ``tk`` and N a multiple of 2 ``tn``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from moe_kernels import schedule as sched_lib
+
+try:  # Mosaic GPU is importable on every platform, but keep kernels optional.
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+  plgpu = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  tm: int = 128     # rows per tile (wgmma M of each compute warpgroup)
+  tn: int = 128     # output columns per compute warpgroup; a CTA covers 2 * tn
+  tk: int = 64      # contraction step (64 16-bit values = one 128-byte swizzle row)
+  stages: int = 4   # shared-memory ring depth
+  epi_n: int = 64   # columns per epilogue store
+  # Work order: ``window`` consecutive visits sweep the column blocks together
+  # (visits minor), so one weight block is reused by up to ``window`` row tiles
+  # while it is in L2, instead of every wave streaming all of w[g]'s columns.
+  window: int = 4
+
+
+def default_tiles(m: int, k: int, n: int, num_groups: int) -> Tiles:
+  del k
+  tn = 128 if n % 256 == 0 else 64
+  tm = 128 if m >= 128 * num_groups else 64  # few rows per group: halve the waste
+  return Tiles(tm=tm, tn=tn)
+
+
+def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
+  if plgpu is None:
+    return "jax.experimental.pallas.mosaic_gpu is not importable"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"Mosaic GPU gmm takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+  if k % tiles.tk:
+    return f"contraction size {k} is not a multiple of tk={tiles.tk}"
+  if n % (2 * tiles.tn):
+    return f"output columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
+  if tiles.tn % tiles.epi_n:
+    return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
+  return None
+
+
+def interpret_params(interpret):
+  if not interpret:
+    return None
+  if interpret is not True:
+    return interpret
+  from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+  return params.InterpretGPUParams()
+
+
+def default_num_sms(interpret) -> int:
+  if interpret:
+    return 2
+  return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: int,
+            num_items: int, n_ctas: int, k_steps: int, transpose_rhs: bool):
+  # meta_gmem has a multiple of t.window rows (padding rows are no-op visits).
+  dtype = lhs_gmem.dtype
+  out_dtype = out_gmem.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(t.tk * itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+  cta_n = 2 * t.tn
+  if transpose_rhs:  # rhs[g] is [N, K]: load [2tn, tk] blocks, feed wgmma transposed
+    b_spec = plgpu.BlockSpec((cta_n, t.tk), lambda kb: (0, kb), transforms=transforms)
+  else:
+    b_spec = plgpu.BlockSpec((t.tk, cta_n), lambda kb: (kb, 0), transforms=transforms)
+  a_spec = plgpu.BlockSpec((t.tm, t.tk), lambda kb: (0, kb), transforms=transforms)
+
+  def make_pipeline(body, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(k_steps,), memory_registers=40, in_specs=[a_spec, b_spec],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(t.stages, k_steps),
+        compute_context=context)
+
+  def rhs_block(group, nj):
+    cols = pl.ds(nj * cta_n, cta_n)
+    return rhs_gmem.at[group].at[cols, :] if transpose_rhs else rhs_gmem.at[group].at[:, cols]
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=make_pipeline(ignore, ignore).get_allocations(lhs_gmem.at[pl.ds(0, t.tm), :],
+                                                           rhs_block(0, 0)),
+      out_smem=plgpu.SMEM((2, t.tm, t.epi_n), out_dtype),
+      collective_axes="wg")
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index("wg")
+
+    @plgpu.nd_loop((num_items,), collective_axes="sm")
+    def _item(info):
+      (idx,) = info.index
+      per_window = t.window * n_ctas
+      win = lax.div(idx, per_window)
+      r = lax.rem(idx, per_window)
+      visit = win * t.window + lax.rem(r, t.window)
+      sweep = lax.div(r, t.window)
+      nj = jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
+      group = meta_gmem[visit, 0]
+      row0 = meta_gmem[visit, 1] * t.tm
+      lo = meta_gmem[visit, 2] - row0   # first row to store, within the tile
+      size = meta_gmem[visit, 3] - meta_gmem[visit, 2]
+      col0 = nj * cta_n + wg * t.tn     # this warpgroup's first output column
+
+      def store_rows(chunk_fn):
+        """Stores rows [lo, lo + size) of this warpgroup's [tm, tn] tile."""
+        for c in range(t.tn // t.epi_n):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # slot free again
+          out_smem[wg] = chunk_fn(c)
+          plgpu.commit_smem()
+          start = lo
+          height = t.tm
+          while height >= 1:
+            @pl.when((size & height) != 0)
+            def _store(start=start, height=height):
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, pl.ds(start, height)],
+                  out_gmem.at[pl.ds(row0 + start, height),
+                              pl.ds(col0 + c * t.epi_n, t.epi_n)])
+            start = start + (size & height)
+            height //= 2
+
+      def context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tm, t.tn), jnp.float32))
+        def _acc(acc_ref):
+          eval_pipeline(acc_ref)
+          acc = acc_ref[...].astype(out_dtype)
+          store_rows(lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
+
+      def mma(_, a_smem, b_smem, acc_ref):
+        cols = pl.ds(wg * t.tn, t.tn)
+        if transpose_rhs:
+          b = b_smem.at[cols, :].transpose((1, 0))
+        else:
+          b = b_smem.at[:, cols]
+        plgpu.wgmma(acc_ref, a_smem, b)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      @pl.when(group < num_groups)
+      def _compute():
+        make_pipeline(mma, context)(lhs_gmem.at[pl.ds(row0, t.tm), :],
+                                    rhs_block(group, nj), allocations=allocs)
+
+      @pl.when((group == num_groups) & (wg < 2))
+      def _zero_tail():
+        store_rows(lambda c: jnp.zeros((t.tm, t.epi_n), out_dtype))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+        out_dtype: Optional[jnp.dtype] = None, transpose_rhs: bool = False,
+        tiles: Optional[Tiles] = None, interpret=False,
+        num_sms: Optional[int] = None) -> jax.Array:
+  """Grouped matmul; rows past sum(group_sizes) are zero. See the module doc.
+
+  ``interpret``: True (or an ``InterpretGPUParams``) runs the Mosaic GPU
+  interpreter on any backend, for tests.
+  """
+  m, k = x.shape
+  num_groups = w.shape[0]
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  kw = w.shape[2] if transpose_rhs else w.shape[1]
+  if kw != k:
+    raise ValueError(f"x has {k} columns but w contracts over {kw}")
+  if x.dtype != w.dtype:
+    raise ValueError(f"gmm wants x and w of one dtype; got {x.dtype} and {w.dtype}")
+  t = tiles or default_tiles(m, k, n, num_groups)
+  reason = unsupported_reason(k, n, x.dtype, t)
+  if reason:
+    raise ValueError(f"moe_kernels.gmm_mosaic: {reason}")
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  padded = sched_lib.pl_cdiv(m, t.tm) * t.tm
+  if padded != m:  # whole row tiles for TMA; the spare rows are never stored
+    x = jnp.pad(x, ((0, padded - m), (0, 0)))
+  sched = sched_lib.make_schedule(group_sizes.astype(jnp.int32), m, t.tm)
+  meta = sched.visit_meta
+  num_visits = sched_lib.pl_cdiv(sched.num_visits, t.window) * t.window
+  if num_visits != sched.num_visits:
+    noop = jnp.array([[num_groups + 1, 0, 0, 0]], jnp.int32)
+    meta = jnp.concatenate(
+        [meta, jnp.repeat(noop, num_visits - sched.num_visits, axis=0)])
+  n_ctas = n // (2 * t.tn)
+  kernel = functools.partial(
+      _kernel, t=t, num_groups=num_groups, num_items=num_visits * n_ctas,
+      n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs)
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((padded, n), out_dtype),
+      grid=(num_sms or default_num_sms(interpret),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret_params(interpret),
+  )
+  out = call(meta, x, w)
+  return out[:m] if padded != m else out

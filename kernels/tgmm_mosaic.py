@@ -1,0 +1,201 @@
+"""Weight gradient of a grouped matmul on Hopper through Pallas Mosaic GPU.
+
+``tgmm(x[M, K], dy[M, N], group_sizes) -> dw[E, K, N]`` with
+``dw[g] = x[rows of g]^T @ dy[rows of g]``: a contraction over each group's
+rows. Same CTA structure as ``gmm_mosaic`` (persistent, one memory and two
+compute warpgroups, TMA + wgmma); the compute warpgroups split the output
+columns.
+
+A work item is one [tko, 2 tn] output tile of one group. It reduces over the
+group's rows in steps of ``tr`` rows, aligned to multiples of ``tr`` (so every
+TMA box starts on the row grid). The first and last steps of a group can hold
+rows of its neighbours: before the wgmma, each compute warpgroup zeroes those
+rows in its own column half of the dy tile in shared memory (dy rows outside
+the group times any finite x row give zero). Empty groups store zeros.
+
+Limits (``unsupported_reason``): 16-bit floats, K a multiple of ``tko`` and N a
+multiple of 2 ``tn``. x must be finite everywhere (a neighbour's row of x is
+multiplied by zeros, and inf * 0 is NaN).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from moe_kernels import gmm_mosaic
+from moe_kernels import schedule as sched_lib
+
+plgpu = gmm_mosaic.plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  tko: int = 128   # rows of the dw tile (features of x)
+  tn: int = 128    # columns of the dw tile per compute warpgroup (a CTA covers 2 tn)
+  tr: int = 64     # reduction step: rows of x and dy per pipeline step
+  stages: int = 4
+  epi_n: int = 64
+
+
+def default_tiles(k: int, n: int) -> Tiles:
+  del k
+  return Tiles(tn=128 if n % 256 == 0 else 64)
+
+
+def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
+  if plgpu is None:
+    return "jax.experimental.pallas.mosaic_gpu is not importable"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"Mosaic GPU tgmm takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+  if k % tiles.tko:
+    return f"x columns {k} are not a multiple of tko={tiles.tko}"
+  if n % (2 * tiles.tn):
+    return f"dy columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
+  if tiles.tn % tiles.epi_n:
+    return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
+  return None
+
+
+def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
+            k_blocks: int, n_ctas: int, num_rows: int):
+  # meta_gmem[g] = (first row, one past the last row, first aligned block, blocks)
+  dtype = x_gmem.dtype
+  out_dtype = out_gmem.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(t.tr * itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+  cta_n = 2 * t.tn
+  x_spec = plgpu.BlockSpec((t.tr, t.tko), lambda r: (r, 0), transforms=transforms)
+  dy_spec = plgpu.BlockSpec((t.tr, cta_n), lambda r: (r, 0), transforms=transforms)
+
+  def make_pipeline(body, context, steps):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40, in_specs=[x_spec, dy_spec],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=t.stages,
+        compute_context=context)
+
+  ignore = lambda *_, **__: None
+  # The pipeline gets a num_rows-long row slice starting at the group's first
+  # block; it may reach past the array but only the group's blocks are read.
+  whole = pl.ds(0, num_rows)
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=make_pipeline(ignore, ignore, t.stages).get_allocations(
+          x_gmem.at[whole, pl.ds(0, t.tko)], dy_gmem.at[whole, pl.ds(0, cta_n)]),
+      out_smem=plgpu.SMEM((2, t.tko, t.epi_n), out_dtype),
+      collective_axes="wg")
+  def _scope(allocs, out_smem):
+    wg = lax.axis_index("wg")
+    per_group = k_blocks * n_ctas
+
+    @plgpu.nd_loop((num_groups * per_group,), collective_axes="sm")
+    def _item(info):
+      (idx,) = info.index
+      g = lax.div(idx, per_group)
+      r = lax.rem(idx, per_group)
+      kb = lax.div(r, n_ctas)
+      nj = lax.rem(r, n_ctas)
+      start = meta_gmem[g, 0]
+      end = meta_gmem[g, 1]
+      row0 = meta_gmem[g, 2] * t.tr
+      steps = meta_gmem[g, 3]
+      cols = pl.ds(wg * t.tn, t.tn)
+
+      def store(chunk_fn):
+        for c in range(t.tn // t.epi_n):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem[wg] = chunk_fn(c)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              out_smem.at[wg],
+              out_gmem.at[g, pl.ds(kb * t.tko, t.tko),
+                          pl.ds(nj * cta_n + wg * t.tn + c * t.epi_n, t.epi_n)])
+
+      def context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tko, t.tn), jnp.float32))
+        def _acc(acc_ref):
+          eval_pipeline(acc_ref)
+          acc = acc_ref[...].astype(out_dtype)
+          store(lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
+
+      def mma(idxs, x_smem, dy_smem, acc_ref):
+        (step,) = idxs
+        dy_half = dy_smem.at[:, cols]
+        lo = start - (row0 + step * t.tr)  # rows of this step before the group
+        hi = end - (row0 + step * t.tr)    # first row of this step after the group
+
+        @pl.when((lo > 0) | (hi < t.tr))
+        def _mask_neighbours():
+          rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (t.tr, t.tn), 0),
+                                   plgpu.Layout.WGMMA)
+          keep = (rows >= lo) & (rows < hi)
+          dy_half[...] = jnp.where(keep, dy_half[...], jnp.zeros((t.tr, t.tn), dtype))
+          plgpu.commit_smem()
+
+        plgpu.wgmma(acc_ref, x_smem.transpose((1, 0)), dy_half)
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      @pl.when(steps > 0)
+      def _compute():
+        make_pipeline(mma, context, steps)(
+            x_gmem.at[pl.ds(row0, num_rows), pl.ds(kb * t.tko, t.tko)],
+            dy_gmem.at[pl.ds(row0, num_rows), pl.ds(nj * cta_n, cta_n)],
+            allocations=allocs)
+
+      @pl.when((steps == 0) & (wg < 2))
+      def _empty_group():
+        store(lambda c: jnp.zeros((t.tko, t.epi_n), out_dtype))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
+         out_dtype: Optional[jnp.dtype] = None, tiles: Optional[Tiles] = None,
+         interpret=False, num_sms: Optional[int] = None) -> jax.Array:
+  """Per-group x^T dy -> [E, K, N]; rows past sum(group_sizes) are ignored."""
+  m, k = x.shape
+  n = dy.shape[1]
+  if dy.shape[0] != m:
+    raise ValueError(f"tgmm: x has {m} rows but dy has {dy.shape[0]}")
+  if x.dtype != dy.dtype:
+    raise ValueError(f"tgmm wants x and dy of one dtype; got {x.dtype} and {dy.dtype}")
+  t = tiles or default_tiles(k, n)
+  reason = unsupported_reason(k, n, x.dtype, t)
+  if reason:
+    raise ValueError(f"moe_kernels.tgmm_mosaic: {reason}")
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  num_groups = group_sizes.shape[0]
+  # Each group's steps span whole tr-row blocks, so the last one may run past M:
+  # pad M to a multiple of tr (a copy, only when M is not one already).
+  padded = sched_lib.pl_cdiv(m, t.tr) * t.tr
+  if padded != m:
+    x = jnp.pad(x, ((0, padded - m), (0, 0)))
+    dy = jnp.pad(dy, ((0, padded - m), (0, 0)))
+  starts, ends = sched_lib.group_bounds(group_sizes.astype(jnp.int32), m)
+  first_block = starts // t.tr
+  blocks = jnp.where(ends > starts, -(-ends // t.tr) - first_block, 0)
+  meta = jnp.stack([starts, ends, first_block, blocks], axis=1).astype(jnp.int32)
+  kernel = functools.partial(_kernel, t=t, num_groups=num_groups, k_blocks=k // t.tko,
+                             n_ctas=n // (2 * t.tn), num_rows=padded)
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      grid=(num_sms or gmm_mosaic.default_num_sms(interpret),),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=gmm_mosaic.interpret_params(interpret),
+  )
+  return call(meta, x, dy)
+
