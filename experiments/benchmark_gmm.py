@@ -56,8 +56,12 @@ SHAPES = {
     "fine-1408": (65536, 2048, 1408, 64),
     "dsv3": (131072, 7168, 2048, 256),
     "decode": (256, 4096, 1024, 64),
-    "mixtral-up": (16384, 4096, 14336, 8),    # the Mixtral-like layer's gate/up
-    "mixtral-down": (16384, 14336, 4096, 8),  # and its down projection
+    # The whole-layer benchmark's products (gate and up as one [d, 2f] matmul):
+    "mixtral-up": (16384, 4096, 14336, 8),
+    "mixtral-gate-up": (16384, 4096, 28672, 8),
+    "mixtral-down": (16384, 14336, 4096, 8),
+    "fine-gate-up": (131072, 2048, 1536, 64),
+    "fine-down": (131072, 768, 2048, 64),
     "tiny": (200, 64, 96, 4),  # CPU smoke test with --interpret
 }
 

@@ -24,8 +24,10 @@ from moe_kernels import tuning
 BACKENDS = ("triton", "mosaic")
 
 
-def mosaic_takes(x, w, *, transpose_rhs=False) -> bool:
+def mosaic_takes(x, w, *, transpose_rhs=False, interpret=False) -> bool:
   """Whether gmm_mosaic runs this product (else the Triton kernel does)."""
+  if interpret and transpose_rhs and not gmm_mosaic.interpreter_reads_transposed():
+    return False
   m, k = x.shape
   n = w.shape[1] if transpose_rhs else w.shape[2]
   tiles = gmm_mosaic.default_tiles(m, k, n, w.shape[0])
@@ -36,7 +38,7 @@ def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=Fal
              config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
   """One gmm product with the tuned tiles for this shape (``fused``: index/scale options)."""
   if backend == "mosaic" and not fused and config is None and mosaic_takes(
-      x, w, transpose_rhs=transpose_rhs):
+      x, w, transpose_rhs=transpose_rhs, interpret=interpret):
     return gmm_mosaic.gmm(x, w, group_sizes, out_dtype=out_dtype,
                           transpose_rhs=transpose_rhs, interpret=interpret)
   m = fused["lhs_index"].shape[0] if fused.get("lhs_index") is not None else x.shape[0]
@@ -51,6 +53,7 @@ def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=Fal
 def tgmm_call(x, dy, group_sizes, out_dtype, *, num_rows, interpret=False,
               config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
   if (backend == "mosaic" and not fused and config is None and num_rows == x.shape[0]
+      and (not interpret or gmm_mosaic.interpreter_reads_transposed())
       and tgmm_mosaic.unsupported_reason(
           x.shape[1], dy.shape[1], x.dtype,
           tgmm_mosaic.default_tiles(x.shape[1], dy.shape[1])) is None):

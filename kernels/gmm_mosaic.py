@@ -65,11 +65,17 @@ def default_tiles(m: int, k: int, n: int, num_groups: int) -> Tiles:
   return Tiles(tm=tm, tn=tn)
 
 
-def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
+def dtype_reason(dtype, what: str) -> Optional[str]:
   if plgpu is None:
     return "jax.experimental.pallas.mosaic_gpu is not importable"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"Mosaic GPU gmm takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+    return f"Mosaic GPU {what} takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+  return None
+
+
+def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
+  if reason := dtype_reason(dtype, "gmm"):
+    return reason
   if k % tiles.tk:
     return f"contraction size {k} is not a multiple of tk={tiles.tk}"
   if n % (2 * tiles.tn):
@@ -77,6 +83,20 @@ def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
   if tiles.tn % tiles.epi_n:
     return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
   return None
+
+
+def interpreter_reads_transposed() -> bool:
+  """jax < 0.11's Mosaic GPU interpreter cannot read a transposed shared-memory
+  operand (it fails inside a worker thread and the call never returns)."""
+  major, minor = (int(v) for v in jax.__version__.split(".")[:2])
+  return (major, minor) >= (0, 11)
+
+
+def check_interpretable(interpret, transposed: bool, what: str) -> None:
+  if interpret and transposed and not interpreter_reads_transposed():
+    raise NotImplementedError(
+        f"{what} reads a transposed operand, which the Mosaic GPU interpreter of jax "
+        f"{jax.__version__} cannot run (jax >= 0.11 can); use the Triton kernels here")
 
 
 def interpret_params(interpret):
@@ -214,6 +234,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   reason = unsupported_reason(k, n, x.dtype, t)
   if reason:
     raise ValueError(f"moe_kernels.gmm_mosaic: {reason}")
+  check_interpretable(interpret, transpose_rhs, "gmm_mosaic.gmm(transpose_rhs=True)")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   padded = sched_lib.pl_cdiv(m, t.tm) * t.tm
   if padded != m:  # whole row tiles for TMA; the spare rows are never stored

@@ -6,7 +6,9 @@ rows. Same CTA structure as ``gmm_mosaic`` (persistent, one memory and two
 compute warpgroups, TMA + wgmma); the compute warpgroups split the output
 columns.
 
-A work item is one [tko, 2 tn] output tile of one group. It reduces over the
+A work item is one [tko, 2 tn] output tile of one group (items ordered group by
+group, and inside a group in windows of dw row blocks that sweep the column
+blocks together: see ``Tiles.window``). It reduces over the
 group's rows in steps of ``tr`` rows, aligned to multiples of ``tr`` (so every
 TMA box starts on the row grid). The first and last steps of a group can hold
 rows of its neighbours: before the wgmma, each compute warpgroup zeroes those
@@ -41,6 +43,13 @@ class Tiles:
   tr: int = 64     # reduction step: rows of x and dy per pipeline step
   stages: int = 4
   epi_n: int = 64
+  # Work order inside a group: with at least ``window_from`` column blocks,
+  # windows of up to ``window`` row blocks of dw sweep the column blocks
+  # (snaking), so a wave of CTAs reads a few column blocks of dy and a few of
+  # x rather than all of dy's columns at once. With fewer column blocks the
+  # column block varies fastest (measured faster there: docs/benchmarks.md).
+  window: int = 16
+  window_from: int = 12
 
 
 def default_tiles(k: int, n: int) -> Tiles:
@@ -49,10 +58,8 @@ def default_tiles(k: int, n: int) -> Tiles:
 
 
 def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
-  if plgpu is None:
-    return "jax.experimental.pallas.mosaic_gpu is not importable"
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"Mosaic GPU tgmm takes bfloat16/float16, got {jnp.dtype(dtype).name}"
+  if reason := gmm_mosaic.dtype_reason(dtype, "tgmm"):
+    return reason
   if k % tiles.tko:
     return f"x columns {k} are not a multiple of tko={tiles.tko}"
   if n % (2 * tiles.tn):
@@ -60,6 +67,11 @@ def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
   if tiles.tn % tiles.epi_n:
     return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
   return None
+
+
+def _window(k_blocks: int, limit: int) -> int:
+  """The largest divisor of k_blocks not above limit (windows tile the row blocks)."""
+  return max(w for w in range(1, min(limit, k_blocks) + 1) if k_blocks % w == 0)
 
 
 def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
@@ -95,14 +107,19 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
   def _scope(allocs, out_smem):
     wg = lax.axis_index("wg")
     per_group = k_blocks * n_ctas
+    window = _window(k_blocks, t.window) if n_ctas >= t.window_from else 1
+    per_window = window * n_ctas
 
     @plgpu.nd_loop((num_groups * per_group,), collective_axes="sm")
     def _item(info):
       (idx,) = info.index
       g = lax.div(idx, per_group)
       r = lax.rem(idx, per_group)
-      kb = lax.div(r, n_ctas)
-      nj = lax.rem(r, n_ctas)
+      win = lax.div(r, per_window)
+      rr = lax.rem(r, per_window)
+      kb = win * window + lax.rem(rr, window)
+      sweep = lax.div(rr, window)
+      nj = jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
       start = meta_gmem[g, 0]
       end = meta_gmem[g, 1]
       row0 = meta_gmem[g, 2] * t.tr
@@ -172,6 +189,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   reason = unsupported_reason(k, n, x.dtype, t)
   if reason:
     raise ValueError(f"moe_kernels.tgmm_mosaic: {reason}")
+  gmm_mosaic.check_interpretable(interpret, True, "tgmm_mosaic.tgmm")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   num_groups = group_sizes.shape[0]
   # Each group's steps span whole tr-row blocks, so the last one may run past M:

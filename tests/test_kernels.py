@@ -19,45 +19,15 @@ from moe_kernels import gmm as gmm_lib
 from moe_kernels import gmm_triton
 from moe_kernels import schedule
 from moe_kernels import tuning
+from kernel_refs import random_inputs as _inputs
+from kernel_refs import ref_gmm as _ref_gmm
+from kernel_refs import ref_tgmm as _ref_tgmm
+from kernel_refs import rel_err as _rel
 
 SMALL = tuning.Config(32, 32, 16)  # several tiles even on small shapes
 SMALL_T = tuning.Config(16, 32, 32)
 SMALL_CFGS = (SMALL, SMALL, SMALL_T)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-
-
-def _ref_gmm(x, w, gs):
-  x = np.asarray(x, np.float64)
-  w = np.asarray(w, np.float64)
-  out = np.zeros((x.shape[0], w.shape[2]))
-  s = 0
-  for e, g in enumerate(np.asarray(gs)):
-    out[s:s + g] = x[s:s + g] @ w[e]
-    s += g
-  return out
-
-
-def _ref_tgmm(x, dy, gs):
-  x = np.asarray(x, np.float64)
-  dy = np.asarray(dy, np.float64)
-  out = np.zeros((len(gs), x.shape[1], dy.shape[1]))
-  s = 0
-  for e, g in enumerate(np.asarray(gs)):
-    out[e] = x[s:s + g].T @ dy[s:s + g]
-    s += g
-  return out
-
-
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def _inputs(rng, m, k, n, e, dtype):
-  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-  w = jnp.asarray(rng.standard_normal((e, k, n)) / np.sqrt(k), dtype)
-  dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
-  return x, w, dy
 
 
 def _check_out(y, ref, gs, dtype):

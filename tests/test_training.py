@@ -54,8 +54,8 @@ def test_sharded_train_step_matches_single_device(router, dispatch, mesh):
   config.mesh.shape.update(**mesh)
   sharded_state, sharded_metrics, run = run_steps(config, jax.devices()[:8], 2)
   # Expert weights really are split over the expert axis.
-  w_up = sharded_state.params["layer_0"]["moe"]["experts"]["w_up"]
-  assert w_up.sharding.spec[0] == "expert" and len(w_up.sharding.device_set) == 8
+  w_gate_up = sharded_state.params["layer_0"]["moe"]["experts"]["w_gate_up"]
+  assert w_gate_up.sharding.spec[0] == "expert" and len(w_gate_up.sharding.device_set) == 8
   for a, b in zip(leaves(single_state), leaves(sharded_state)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
   for name in ("loss", "aux_loss", "grad_norm"):

@@ -54,17 +54,23 @@ class FusedRows:
 @dataclasses.dataclass(frozen=True)
 class ExpertKind:
   """A feed-forward expert: which weight stacks it has and how it combines them."""
-  weights: tuple[str, ...]     # names of [E, d, f] (in) and [E, f, d] (out) stacks
+  weights: tuple[str, ...]     # names of the input-side and output-side [E, ...] stacks
   gated: bool
 
 
+# SwiGLU keeps its gate and up projections in one stack w_gate_up[E, d, f, 2]
+# ([..., 0] gate, [..., 1] up), read as [E, d, 2f] with gate and up columns
+# interleaved. One grouped matmul then makes both halves, and in the backward
+# one transposed matmul gives the buffer gradient directly, with no separate
+# pass adding the gate and up contributions. Interleaving (rather than [gate |
+# up]) keeps each gate column next to its up column when "mlp" is sharded.
 EXPERT_KINDS = {
-    "swiglu": ExpertKind(weights=("w_gate", "w_up", "w_down"), gated=True),
+    "swiglu": ExpertKind(weights=("w_gate_up", "w_down"), gated=True),
     "mlp": ExpertKind(weights=("w_in", "w_out"), gated=False),
 }
 
 
-def expert_init(in_axis: int = 1, out_axis: int = 2):
+def expert_init(in_axis: int = 1, out_axis=2):
   # fan-in scaling per expert: axis 0 indexes experts, not inputs.
   return nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis, batch_axis=(0,))
@@ -91,8 +97,8 @@ class Experts(nn.Module):
     d_model = x.shape[-1]
     e, f = self.num_experts, self.d_hidden
 
-    def stack(name, shape, axes):
-      init = nn.with_logical_partitioning(expert_init(), axes)
+    def stack(name, shape, axes, out_axis=2):
+      init = nn.with_logical_partitioning(expert_init(out_axis=out_axis), axes)
       return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
     if fused is None:
@@ -120,9 +126,9 @@ class Experts(nn.Module):
     x = x.astype(self.dtype)
     in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
     if EXPERT_KINDS[self.kind].gated:
-      gate = first(x, stack("w_gate", (e, d_model, f), in_axes))
-      up = first(x, stack("w_up", (e, d_model, f), in_axes))
-      hidden = jax.nn.silu(gate) * up
+      w_gate_up = stack("w_gate_up", (e, d_model, f, 2), (*in_axes, None), out_axis=(2, 3))
+      gate_up = first(x, w_gate_up.reshape(e, d_model, 2 * f)).reshape(-1, f, 2)
+      hidden = jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1]
       return last(hidden, stack("w_down", (e, f, d_model), out_axes))
     act = activation_by_name(self.activation, "model.moe.activation")
     hidden = act(first(x, stack("w_in", (e, d_model, f), in_axes)))
