@@ -172,9 +172,11 @@ def impl_fn(name):
     return lambda x, w, gs: gmm_lib.gmm(x, w, gs, interpret=_INTERPRET.value)
   if name == "pallas_mosaic":
     return lambda x, w, gs: gmm_lib.gmm(x, w, gs, backend="mosaic", interpret=_INTERPRET.value)
-  if name.startswith("pallas_mosaic@"):  # forward only; tiles tm/tn/tk/stages/window
-    tm, tn, tk, stages, window = (int(v) for v in name.split("@")[1].split("/"))
-    tiles = gmm_mosaic.Tiles(tm=tm, tn=tn, tk=tk, stages=stages, window=window)
+  if name.startswith("pallas_mosaic@"):  # forward only; tm/tn/tk/stages/window[/overlap]
+    fields = [int(v) for v in name.split("@")[1].split("/")]
+    tm, tn, tk, stages, window = fields[:5]
+    tiles = gmm_mosaic.Tiles(tm=tm, tn=tn, tk=tk, stages=stages, window=window,
+                             overlap=bool(fields[5]) if len(fields) > 5 else True)
     return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
   if name == "ragged_dot":
     return _ragged

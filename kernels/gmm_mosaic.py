@@ -56,6 +56,12 @@ class Tiles:
   # (visits minor), so one weight block is reused by up to ``window`` row tiles
   # while it is in L2, instead of every wave streaming all of w[g]'s columns.
   window: int = 4
+  # Overlap each item's epilogue with the next item's first loads (jax's
+  # "pipeline of pipelines": the memory warpgroup does not wait for the compute
+  # warpgroups to drain before it starts on the CTA's next item). Needs
+  # K / tk to be a multiple of the ring depth; otherwise it is skipped. Off by
+  # default: correct on the H100 but measured no faster (docs/benchmarks.md).
+  overlap: bool = False
 
 
 def default_tiles(m: int, k: int, n: int, num_groups: int) -> Tiles:
@@ -114,9 +120,41 @@ def default_num_sms(interpret) -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: int,
-            num_items: int, n_ctas: int, k_steps: int, transpose_rhs: bool):
-  # meta_gmem has a multiple of t.window rows (padding rows are no-op visits).
+def item_coords(idx, window: int, n_ctas: int):
+  """Work item -> (visit, column block): windows of visits sweep the column blocks,
+  snaking. Works on scalars in the kernel and on arrays outside it."""
+  per_window = window * n_ctas
+  win = lax.div(idx, per_window)
+  r = lax.rem(idx, per_window)
+  visit = win * window + lax.rem(r, window)
+  sweep = lax.div(r, window)
+  return visit, jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
+
+
+def overlap_steps(t: Tiles, k_steps: int) -> bool:
+  return t.overlap and k_steps % min(t.stages, k_steps) == 0
+
+
+def pipeline_states(computes: jax.Array, num_sms: int) -> jax.Array:
+  """Per work item, its place in its CTA's chain of pipelines: START for the
+  CTA's first item that runs the pipeline, STOP for its last, STEADY between
+  (a CTA with one such item gets START). ``computes[i]``: item i runs one."""
+  num_items = computes.shape[0]
+  rounds = sched_lib.pl_cdiv(num_items, num_sms)
+  c = jnp.pad(computes, (0, rounds * num_sms - num_items)).reshape(rounds, num_sms)
+  r = jnp.arange(rounds)[:, None]
+  first = jnp.argmax(c, axis=0)
+  last = rounds - 1 - jnp.argmax(c[::-1], axis=0)
+  p = plgpu.PipelinePipeline
+  state = jnp.where(r == first, int(p.START), jnp.where(r == last, int(p.STOP), int(p.STEADY)))
+  return state.reshape(-1)[:num_items].astype(jnp.int32)
+
+
+def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
+            num_groups: int, num_items: int, n_ctas: int, k_steps: int,
+            transpose_rhs: bool):
+  # meta_gmem has a multiple of t.window rows (padding rows are no-op visits);
+  # state_gmem[i] is item i's PipelinePipeline state (see pipeline_states).
   dtype = lhs_gmem.dtype
   out_dtype = out_gmem.dtype
   itemsize = jnp.dtype(dtype).itemsize
@@ -130,11 +168,11 @@ def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: in
     b_spec = plgpu.BlockSpec((t.tk, cta_n), lambda kb: (kb, 0), transforms=transforms)
   a_spec = plgpu.BlockSpec((t.tm, t.tk), lambda kb: (0, kb), transforms=transforms)
 
-  def make_pipeline(body, context):
+  def make_pipeline(body, context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_steps,), memory_registers=40, in_specs=[a_spec, b_spec],
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(t.stages, k_steps),
-        compute_context=context)
+        compute_context=context, pipeline_state=state)
 
   def rhs_block(group, nj):
     cols = pl.ds(nj * cta_n, cta_n)
@@ -154,12 +192,7 @@ def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: in
     @plgpu.nd_loop((num_items,), collective_axes="sm")
     def _item(info):
       (idx,) = info.index
-      per_window = t.window * n_ctas
-      win = lax.div(idx, per_window)
-      r = lax.rem(idx, per_window)
-      visit = win * t.window + lax.rem(r, t.window)
-      sweep = lax.div(r, t.window)
-      nj = jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
+      visit, nj = item_coords(idx, t.window, n_ctas)
       group = meta_gmem[visit, 0]
       row0 = meta_gmem[visit, 1] * t.tm
       lo = meta_gmem[visit, 2] - row0   # first row to store, within the tile
@@ -203,8 +236,9 @@ def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: in
 
       @pl.when(group < num_groups)
       def _compute():
-        make_pipeline(mma, context)(lhs_gmem.at[pl.ds(row0, t.tm), :],
-                                    rhs_block(group, nj), allocations=allocs)
+        state = state_gmem[idx] if overlap_steps(t, k_steps) else None
+        make_pipeline(mma, context, state)(lhs_gmem.at[pl.ds(row0, t.tm), :],
+                                           rhs_block(group, nj), allocations=allocs)
 
       @pl.when((group == num_groups) & (wg < 2))
       def _zero_tail():
@@ -247,13 +281,17 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     meta = jnp.concatenate(
         [meta, jnp.repeat(noop, num_visits - sched.num_visits, axis=0)])
   n_ctas = n // (2 * t.tn)
+  num_items = num_visits * n_ctas
+  grid = num_sms or default_num_sms(interpret)
+  visit, _ = item_coords(jnp.arange(num_items, dtype=jnp.int32), t.window, n_ctas)
+  states = pipeline_states(meta[visit, 0] < num_groups, grid)
   kernel = functools.partial(
-      _kernel, t=t, num_groups=num_groups, num_items=num_visits * n_ctas,
+      _kernel, t=t, num_groups=num_groups, num_items=num_items,
       n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs)
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((padded, n), out_dtype),
-      grid=(num_sms or default_num_sms(interpret),),
+      grid=(grid,),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
@@ -261,5 +299,5 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  out = call(meta, x, w)
+  out = call(meta, states, x, w)
   return out[:m] if padded != m else out

@@ -319,3 +319,33 @@ def test_gradients_on_any_jax_route_what_the_interpreter_can_run(mosaic_calls):
              jnp.bfloat16)
   assert _rel(dw, _ref_tgmm(x, dy, gs)) < 1e-2
   assert mosaic_calls == (["gmm", "gmm_t", "tgmm"] if TRANSPOSE_OK else ["gmm"])
+
+
+def test_pipeline_states_chain_each_ctas_items():
+  p = plgpu.PipelinePipeline
+  start, steady, stop = int(p.START), int(p.STEADY), int(p.STOP)
+  # Two CTAs; CTA 0 takes items 0, 2, 4, 6, 8 and CTA 1 items 1, 3, 5, 7.
+  computes = jnp.array([1, 1, 1, 0, 1, 0, 0, 0, 0], bool)
+  states = np.asarray(gmm_mosaic.pipeline_states(computes, 2))
+  # CTA 0 runs items 0, 2, 4: START, STEADY, STOP. CTA 1 runs item 1 alone: START.
+  assert list(states[[0, 2, 4]]) == [start, steady, stop]
+  assert states[1] == start
+
+
+@pytest.mark.parametrize("m, k, n, gs, transpose", [
+    (300, 128, 256, [100, 3, 0, 150, 40], False),  # 2 k-steps through 2 stages
+    (200, 256, 128, [70, 0, 50, 30], False),       # 4 k-steps through 2 stages
+    pytest.param(300, 128, 256, [100, 3, 0, 150, 40], True, marks=needs_transpose),
+])
+def test_overlapped_pipelines_match_reference(m, k, n, gs, transpose):
+  # Several items per CTA (the interpreter runs 2 CTAs), chained START ... STOP.
+  rng = np.random.default_rng(m + k + n)
+  gs = np.asarray(gs, np.int32)
+  x, w, _ = _inputs(rng, m, k, n, len(gs), jnp.bfloat16)
+  tiles = Tiles(tm=64, tn=64, stages=2, overlap=True)
+  if transpose:
+    y = gmm_mosaic.gmm(x, jnp.swapaxes(w, 1, 2), jnp.asarray(gs), transpose_rhs=True,
+                       tiles=tiles, interpret=True)
+  else:
+    y = gmm_mosaic.gmm(x, w, jnp.asarray(gs), tiles=tiles, interpret=True)
+  _check_out(y, _ref_gmm(x, w, gs), gs, jnp.bfloat16)
