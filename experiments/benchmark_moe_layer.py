@@ -52,7 +52,8 @@ class Shape:
 
 PRESETS = {
     "gpu": [Shape("mixtral-like", 8192, 4096, 14336, 8, 2),
-            Shape("fine-grained", 16384, 2048, 768, 64, 8)],
+            Shape("fine-grained", 16384, 2048, 768, 64, 8),
+            Shape("gpu-1b", 16384, 1024, 256, 64, 6)],  # one layer of configs/gpu_1b.py
     "smoke": [Shape("smoke", 64, 32, 48, 4, 2)],
 }
 
