@@ -62,13 +62,15 @@ SHAPES = {
     "mixtral-down": (16384, 14336, 4096, 8),
     "fine-gate-up": (131072, 2048, 1536, 64),
     "fine-down": (131072, 768, 2048, 64),
-    "tiny": (200, 64, 96, 4),  # CPU smoke test with --interpret
+    "tiny": (200, 64, 96, 4),  # CPU smoke tests with --interpret (off the Mosaic grid)
+    "tiny-mosaic": (200, 128, 256, 4),
 }
 
 _SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "dsv3", "decode"],
                             f"names from {sorted(SHAPES)}")
 _DISTS = flags.DEFINE_list("dists", ["balanced", "skewed"], "group-size distributions")
-_IMPLS = flags.DEFINE_list("impls", ["pallas_triton", "ragged_dot"], "implementations")
+_IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic", "pallas_triton", "ragged_dot"],
+                           "implementations (pallas_mosaic needs Hopper or --interpret)")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
                            "fwd, fwdbwd, and/or tgmm (the weight-gradient kernel alone)")
 _ITERS = flags.DEFINE_integer("iters", 20, "calls per timing sample")

@@ -37,3 +37,22 @@ def test_moe_layer_trace_summary(tmp_path):
   # The layer's jitted step shows up as an XLA program with a positive time.
   rows = [l.split() for l in summary.stdout.splitlines() if l.strip().startswith(tuple("0123456789"))]
   assert rows and float(rows[0][0]) > 0
+
+
+def test_gmm_benchmark_smoke():
+  # Kernels in interpret mode on CPU; tiny-mosaic sits on the Mosaic tile grid.
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret",
+       "--shapes=tiny,tiny-mosaic", "--impls=pallas_mosaic,pallas_triton,ragged_dot",
+       "--modes=fwd,fwdbwd,tgmm", "--dists=balanced", "--fused=false", "--iters=1", "--reps=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "FAILED" not in out.stdout, out.stdout[-3000:]
+  rows = [l.split() for l in out.stdout.splitlines() if l.startswith("tiny")]
+  seen = {(r[0], r[2], r[3]) for r in rows}
+  for shape in ("tiny", "tiny-mosaic"):
+    for impl in ("pallas_mosaic", "pallas_triton"):
+      for mode in ("fwd", "fwdbwd", "tgmm"):
+        assert (shape, impl, mode) in seen, (shape, impl, mode, out.stdout[-3000:])
+    assert (shape, "ragged_dot", "fwdbwd") in seen
