@@ -24,25 +24,16 @@ from moe_kernels import tuning
 BACKENDS = ("triton", "mosaic")
 
 
-def mosaic_takes(x, w, *, transpose_rhs=False, interpret=False) -> bool:
-  """Whether gmm_mosaic runs this product (else the Triton kernel does)."""
-  if interpret and transpose_rhs and not gmm_mosaic.interpreter_reads_transposed():
-    return False
-  m, k = x.shape
-  n = w.shape[1] if transpose_rhs else w.shape[2]
-  tiles = gmm_mosaic.default_tiles(m, k, n, w.shape[0])
-  return gmm_mosaic.unsupported_reason(k, n, x.dtype, tiles) is None
-
-
 def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=False,
              config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
   """One gmm product with the tuned tiles for this shape (``fused``: index/scale options)."""
-  if backend == "mosaic" and not fused and config is None and mosaic_takes(
-      x, w, transpose_rhs=transpose_rhs, interpret=interpret):
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  if backend == "mosaic" and not fused and config is None and gmm_mosaic.takes(
+      x.shape[0], x.shape[1], n, w.shape[0], x.dtype, transpose_rhs=transpose_rhs,
+      interpret=interpret):
     return gmm_mosaic.gmm(x, w, group_sizes, out_dtype=out_dtype,
                           transpose_rhs=transpose_rhs, interpret=interpret)
   m = fused["lhs_index"].shape[0] if fused.get("lhs_index") is not None else x.shape[0]
-  n = w.shape[1] if transpose_rhs else w.shape[2]
   cfg = config or tuning.lookup("gmm", m, x.shape[1], n, w.shape[0], x.dtype)
   return gmm_triton.gmm(x, w, group_sizes, out_dtype=out_dtype,
                         transpose_rhs=transpose_rhs, tiles=cfg.tiles,
@@ -53,10 +44,7 @@ def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=Fal
 def tgmm_call(x, dy, group_sizes, out_dtype, *, num_rows, interpret=False,
               config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
   if (backend == "mosaic" and not fused and config is None and num_rows == x.shape[0]
-      and (not interpret or gmm_mosaic.interpreter_reads_transposed())
-      and tgmm_mosaic.unsupported_reason(
-          x.shape[1], dy.shape[1], x.dtype,
-          tgmm_mosaic.default_tiles(x.shape[1], dy.shape[1])) is None):
+      and tgmm_mosaic.takes(x.shape[1], dy.shape[1], x.dtype, interpret=interpret)):
     return tgmm_mosaic.tgmm(x, dy, group_sizes, out_dtype=out_dtype, interpret=interpret)
   cfg = config or tuning.lookup("tgmm", num_rows, x.shape[1], dy.shape[1],
                                 group_sizes.shape[0], x.dtype)

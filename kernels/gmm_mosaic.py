@@ -105,6 +105,14 @@ def check_interpretable(interpret, transposed: bool, what: str) -> None:
         f"{jax.__version__} cannot run (jax >= 0.11 can); use the Triton kernels here")
 
 
+def takes(m: int, k: int, n: int, num_groups: int, dtype, *, transpose_rhs: bool = False,
+          interpret=False) -> bool:
+  """Whether gmm() runs this product with its default tiles (else use Triton)."""
+  if interpret and transpose_rhs and not interpreter_reads_transposed():
+    return False
+  return unsupported_reason(k, n, dtype, default_tiles(m, k, n, num_groups)) is None
+
+
 def interpret_params(interpret):
   if not interpret:
     return None
@@ -283,8 +291,11 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   n_ctas = n // (2 * t.tn)
   num_items = num_visits * n_ctas
   grid = num_sms or default_num_sms(interpret)
-  visit, _ = item_coords(jnp.arange(num_items, dtype=jnp.int32), t.window, n_ctas)
-  states = pipeline_states(meta[visit, 0] < num_groups, grid)
+  if overlap_steps(t, k // t.tk):
+    visit, _ = item_coords(jnp.arange(num_items, dtype=jnp.int32), t.window, n_ctas)
+    states = pipeline_states(meta[visit, 0] < num_groups, grid)
+  else:  # unread: the kernel runs each item's pipeline on its own
+    states = jnp.zeros((1,), jnp.int32)
   kernel = functools.partial(
       _kernel, t=t, num_groups=num_groups, num_items=num_items,
       n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs)

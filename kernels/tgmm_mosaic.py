@@ -69,6 +69,13 @@ def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
   return None
 
 
+def takes(k: int, n: int, dtype, *, interpret=False) -> bool:
+  """Whether tgmm() runs this product with its default tiles (else use Triton)."""
+  if interpret and not gmm_mosaic.interpreter_reads_transposed():
+    return False
+  return unsupported_reason(k, n, dtype, default_tiles(k, n)) is None
+
+
 def _window(k_blocks: int, limit: int) -> int:
   """The largest divisor of k_blocks not above limit (windows tile the row blocks)."""
   return max(w for w in range(1, min(limit, k_blocks) + 1) if k_blocks % w == 0)
@@ -108,18 +115,12 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
     wg = lax.axis_index("wg")
     per_group = k_blocks * n_ctas
     window = _window(k_blocks, t.window) if n_ctas >= t.window_from else 1
-    per_window = window * n_ctas
 
     @plgpu.nd_loop((num_groups * per_group,), collective_axes="sm")
     def _item(info):
       (idx,) = info.index
       g = lax.div(idx, per_group)
-      r = lax.rem(idx, per_group)
-      win = lax.div(r, per_window)
-      rr = lax.rem(r, per_window)
-      kb = win * window + lax.rem(rr, window)
-      sweep = lax.div(rr, window)
-      nj = jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
+      kb, nj = gmm_mosaic.item_coords(lax.rem(idx, per_group), window, n_ctas)
       start = meta_gmem[g, 0]
       end = meta_gmem[g, 1]
       row0 = meta_gmem[g, 2] * t.tr
