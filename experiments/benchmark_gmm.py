@@ -70,7 +70,9 @@ _SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "ds
                             f"names from {sorted(SHAPES)}")
 _DISTS = flags.DEFINE_list("dists", ["balanced", "skewed"], "group-size distributions")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic", "pallas_triton", "ragged_dot"],
-                           "implementations (pallas_mosaic needs Hopper or --interpret)")
+                           "implementations (pallas_mosaic needs Hopper or --interpret); "
+                           "pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]] "
+                           "times Mosaic tile variants (forward only)")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
                            "fwd, fwdbwd, and/or tgmm (the weight-gradient kernel alone)")
 _ITERS = flags.DEFINE_integer("iters", 20, "calls per timing sample")
@@ -174,15 +176,25 @@ def impl_fn(name):
     return lambda x, w, gs: gmm_lib.gmm(x, w, gs, interpret=_INTERPRET.value)
   if name == "pallas_mosaic":
     return lambda x, w, gs: gmm_lib.gmm(x, w, gs, backend="mosaic", interpret=_INTERPRET.value)
-  if name.startswith("pallas_mosaic@"):  # forward only; tm/tn/tk/stages/window[/overlap]
-    fields = [int(v) for v in name.split("@")[1].split("/")]
-    tm, tn, tk, stages, window = fields[:5]
-    tiles = gmm_mosaic.Tiles(tm=tm, tn=tn, tk=tk, stages=stages, window=window,
-                             overlap=bool(fields[5]) if len(fields) > 5 else True)
-    return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
+  if name.startswith("pallas_mosaic@"):
+    return mosaic_variant(name)
   if name == "ragged_dot":
     return _ragged
   raise ValueError(name)
+
+
+def mosaic_variant(name):
+  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]]``: forward only;
+  omitted fields take the ``gmm_mosaic.Tiles`` defaults."""
+  fields = [int(v) for v in name.split("@")[1].split("/")]
+  names = ("tm", "tn", "tk", "stages", "window", "overlap", "light_max")
+  if not 5 <= len(fields) <= len(names):
+    raise ValueError(f"{name!r}: want pallas_mosaic@{'/'.join(names[:5])}[/overlap[/light_max]]")
+  values = dict(zip(names, fields))
+  if "overlap" in values:
+    values["overlap"] = bool(values["overlap"])
+  tiles = gmm_mosaic.Tiles(**values)
+  return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
 
 
 def tgmm_fn(name):
@@ -234,7 +246,8 @@ def check(log):
       valid = (np.arange(m) < gs_np.sum())[:, None]
       ry = np.where(valid, np.asarray(ry), 0)
       rdx = np.where(valid, np.asarray(rdx), 0)
-      for impl in [i for i in _IMPLS.value if i.startswith("pallas_")] or ["pallas_triton"]:
+      pallas = [i for i in _IMPLS.value if i.startswith("pallas_") and "@" not in i]
+      for impl in pallas or ["pallas_triton"]:
         y, dx, dw = jax.jit(fwdbwd(impl_fn(impl)))(x, w, gs, dy)
         errs = [rel_err(y, ry), rel_err(dx, rdx), rel_err(dw, rdw)]
         tail_zero = bool(np.all(np.asarray(y, np.float32)[m - 37:] == 0))
@@ -307,8 +320,9 @@ def run_bench(log):
           continue  # XLA pads ragged_dot to E dense matmuls: minutes per shape
         slow = dict(iters=3, reps=3) if impl == "ragged_dot" else {}
         for mode in _MODES.value:
-          if (impl in ("pallas_dense", "pallas_e1") or "@" in impl) and (
-              mode != "fwd" or dist != "balanced"):
+          if impl in ("pallas_dense", "pallas_e1") and (mode != "fwd" or dist != "balanced"):
+            continue
+          if "@" in impl and mode != "fwd":
             continue
           fn = impl_fn(impl)
           if mode == "tgmm" and tgmm_fn(impl) is None:

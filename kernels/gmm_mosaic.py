@@ -15,7 +15,8 @@ Structure of one CTA (three warpgroups, one CTA per SM, persistent):
   memory warpgroup prefetches the next item's tiles while the compute
   warpgroups store the current one. Items run in windows of ``window`` visits
   that sweep the column blocks (snaking), so a weight block is fetched from
-  HBM once per window rather than once per visit.
+  HBM once per window rather than once per visit; windows of groups too small
+  to reuse their weights are spread among the others (``Tiles.light_max``).
 
 The epilogue stores a visit's rows [lo, hi) of the tile with TMA. TMA box sizes
 are static, so a partial row range is stored as at most log2(tm) + 1 boxes of
@@ -56,6 +57,13 @@ class Tiles:
   # (visits minor), so one weight block is reused by up to ``window`` row tiles
   # while it is in L2, instead of every wave streaming all of w[g]'s columns.
   window: int = 4
+  # Groups with at most this many visits (row tiles) are "light": their weight
+  # blocks are barely reused, so their items wait on HBM. Their windows are
+  # spread among the heavy groups' windows (schedule.interleave_light_visits) so
+  # each wave mixes HBM-bound and tensor-core-bound items. 0 keeps group order.
+  # Off by default: measured no gain on skewed groups, and its reordering costs
+  # about 40 us per call (docs/benchmarks.md).
+  light_max: int = 0
   # Overlap each item's epilogue with the next item's first loads (jax's
   # "pipeline of pipelines": the memory warpgroup does not wait for the compute
   # warpgroups to drain before it starts on the CTA's next item). Needs
@@ -137,6 +145,16 @@ def item_coords(idx, window: int, n_ctas: int):
   visit = win * window + lax.rem(r, window)
   sweep = lax.div(r, window)
   return visit, jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
+
+
+def visit_order(meta: jax.Array, num_groups: int, t: Tiles) -> jax.Array:
+  """The visits in the order the kernel walks them, a multiple of ``t.window`` rows
+  (the extra rows are no-op visits)."""
+  if t.light_max > 0:
+    return sched_lib.interleave_light_visits(meta, num_groups, t.window, t.light_max)
+  num_visits = sched_lib.pl_cdiv(meta.shape[0], t.window) * t.window
+  noop = jnp.array([[num_groups + 1, 0, 0, 0]], jnp.int32)
+  return jnp.concatenate([meta, jnp.repeat(noop, num_visits - meta.shape[0], axis=0)])
 
 
 def overlap_steps(t: Tiles, k_steps: int) -> bool:
@@ -255,6 +273,12 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+# A jit boundary per kernel call: every MoE layer of a model makes the same call,
+# and jax lowers one jitted function once per module, so a 16-layer train step
+# carries one copy of each Mosaic kernel instead of 16 (measured: the lowered
+# text of 4 layers fell from 5.9 MB to 1.9 MB; docs/benchmarks.md).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "transpose_rhs", "tiles",
+                                             "interpret", "num_sms"))
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
         out_dtype: Optional[jnp.dtype] = None, transpose_rhs: bool = False,
         tiles: Optional[Tiles] = None, interpret=False,
@@ -282,12 +306,8 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   if padded != m:  # whole row tiles for TMA; the spare rows are never stored
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
   sched = sched_lib.make_schedule(group_sizes.astype(jnp.int32), m, t.tm)
-  meta = sched.visit_meta
-  num_visits = sched_lib.pl_cdiv(sched.num_visits, t.window) * t.window
-  if num_visits != sched.num_visits:
-    noop = jnp.array([[num_groups + 1, 0, 0, 0]], jnp.int32)
-    meta = jnp.concatenate(
-        [meta, jnp.repeat(noop, num_visits - sched.num_visits, axis=0)])
+  meta = visit_order(sched.visit_meta, num_groups, t)
+  num_visits = meta.shape[0]
   n_ctas = n // (2 * t.tn)
   num_items = num_visits * n_ctas
   grid = num_sms or default_num_sms(interpret)

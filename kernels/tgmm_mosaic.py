@@ -176,6 +176,8 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+# Jitted for the reason given at gmm_mosaic.gmm: one lowering per model, not per layer.
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret", "num_sms"))
 def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
          out_dtype: Optional[jnp.dtype] = None, tiles: Optional[Tiles] = None,
          interpret=False, num_sms: Optional[int] = None) -> jax.Array:

@@ -114,6 +114,53 @@ def test_schedule_visits_every_row_once():
     assert np.all(covered == 1)
 
 
+def _streams(meta, num_groups, light_max):
+  counts = np.bincount(meta[:, 0], minlength=num_groups + 2)
+  real = meta[:, 0] < num_groups
+  return np.where(real, np.where(counts[meta[:, 0]] <= light_max, 1, 0),
+                  np.where(meta[:, 0] == num_groups, 2, 3))
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+@pytest.mark.parametrize("light_max", [1, 2, 3])
+def test_interleave_light_visits_permutes_visits_stream_by_stream(window, light_max):
+  rng = np.random.default_rng(window * 10 + light_max)
+  for _ in range(15):
+    e = int(rng.integers(1, 12))
+    m = int(rng.integers(1, 700))
+    sizes = (rng.dirichlet(np.full(e, 0.3)) * rng.integers(0, m + 1)).astype(np.int32)
+    s = schedule.make_schedule(jnp.asarray(sizes), m, 32)
+    meta = np.asarray(s.visit_meta)
+    out = np.asarray(schedule.interleave_light_visits(s.visit_meta, e, window, light_max))
+    assert out.shape[0] % window == 0
+    real_in, real_out = meta[meta[:, 0] <= e], out[out[:, 0] <= e]
+    assert sorted(map(tuple, real_in)) == sorted(map(tuple, real_out))
+    assert np.all(out[out[:, 0] > e] == [e + 1, 0, 0, 0])   # the rest are no-ops
+    stream_in = _streams(meta, e, light_max)
+    stream_out = _streams(out, e, light_max)
+    for k in range(3):  # each stream keeps its order, and starts its windows aligned
+      np.testing.assert_array_equal(meta[stream_in == k], out[stream_out == k])
+      rows = np.flatnonzero(stream_out == k)
+      if rows.size:
+        starts = rows[np.r_[True, np.diff(rows) != 1]]
+        assert np.all(starts % window == 0)
+    tail = np.flatnonzero(stream_out == 2)
+    if tail.size:  # the zero tail comes after every group's visits
+      assert tail.min() > np.flatnonzero(stream_out < 2).max(initial=-1)
+
+
+def test_interleave_spreads_light_windows_evenly():
+  # Six heavy windows (one group of 12 visits, window 2) and two light windows
+  # (four one-visit groups): light windows go a quarter and three quarters in.
+  sizes = jnp.asarray([12 * 16, 16, 16, 16, 16], jnp.int32)
+  s = schedule.make_schedule(sizes, 16 * 16, 16)
+  out = np.asarray(schedule.interleave_light_visits(s.visit_meta, 5, 2, 1))
+  order = "".join("L" if g in (1, 2, 3, 4) else "H" if g == 0 else "." for g in out[::2, 0])
+  assert order.rstrip(".") == "HHLHHHLH"
+  unmixed = np.asarray(schedule.interleave_light_visits(s.visit_meta, 5, 2, 0))
+  assert np.all(unmixed[:16] == np.asarray(s.visit_meta)[:16])   # light_max=0: group order
+
+
 @hypothesis.settings(max_examples=12, deadline=None,
                      suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(

@@ -55,6 +55,12 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
     ("tiles128", 256, 128, 256, [100, 0, 130], Tiles(tm=128, tn=128, stages=2)),
     # six groups straddling tiles, odd sizes (many power-of-two store boxes); tail 5
     ("straddle", 130, 64, 128, [10, 20, 0, 30, 4, 61], T),
+    # heavy groups (4 and 3 visits) around light ones (1 and 2 visits): the light
+    # windows move between the heavy ones; tail 58 rows
+    ("light_mixed", 448, 64, 256, [200, 10, 0, 150, 30],
+     Tiles(tm=64, tn=64, stages=2, window=2, light_max=2)),
+    ("light_off", 448, 64, 256, [200, 10, 0, 150, 30],
+     Tiles(tm=64, tn=64, stages=2, window=2, light_max=0)),
 ]
 IDS = [c[0] for c in CASES]
 CASES = [c[1:] for c in CASES]
@@ -84,7 +90,7 @@ def test_interpret_poisons_outputs():
 
 FORWARD = ([pytest.param(*c, jnp.bfloat16, id=f"{i}-bf16") for i, c in zip(IDS, CASES)]
            + [pytest.param(*c, jnp.float16, id=f"{i}-f16") for i, c in zip(IDS, CASES)
-              if i in ("zeros_tail", "windows", "straddle")])
+              if i in ("zeros_tail", "windows", "straddle", "light_mixed")])
 
 
 @pytest.mark.parametrize("m, k, n, gs, tiles, dtype", FORWARD)
@@ -240,14 +246,15 @@ def test_registry_mosaic_impls_on_cpu(mosaic_calls):
 @hypothesis.given(
     m=st.integers(1, 300), k=st.sampled_from([64, 128]), n=st.sampled_from([128, 256]),
     sizes=st.lists(st.integers(0, 120), min_size=1, max_size=6),
-    window=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
-def test_property_gmm_matches_reference(m, k, n, sizes, window, seed):
+    window=st.sampled_from([1, 2, 4]), light_max=st.sampled_from([0, 1, 2]),
+    seed=st.integers(0, 2**16))
+def test_property_gmm_matches_reference(m, k, n, sizes, window, light_max, seed):
   gs = np.asarray(sizes, np.int32)
   # Trim the group sizes so that they fit in M (the remainder is the zero tail).
   gs = np.minimum(gs, np.maximum(m - (np.cumsum(gs) - gs), 0)).astype(np.int32)
   rng = np.random.default_rng(seed)
   x, w, _ = _inputs(rng, m, k, n, len(gs), jnp.bfloat16)
-  tiles = Tiles(tm=64, tn=64, stages=2, window=window)
+  tiles = Tiles(tm=64, tn=64, stages=2, window=window, light_max=light_max)
   ref = _ref_gmm(x, w, gs)
   y = gmm_mosaic.gmm(x, w, jnp.asarray(gs), tiles=tiles, interpret=True)
   _check_out(y, ref, gs, jnp.bfloat16)
