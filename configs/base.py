@@ -6,7 +6,7 @@ from moe_jax.sharding import DEFAULT_RULES
 
 def router_defaults(name: str = "topk") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      name=name, top_k=2, renormalize=True, jitter_eps=0.0,
+      name=name, top_k=2, renormalize=True, jitter_eps=0.0, logits_precision="float32",
       load_balance_coef=0.01, z_loss_coef=1e-3, importance_coef=0.0, load_coef=0.0,
       bias_update_speed=1e-3, num_groups=1, topk_groups=1, routed_scaling_factor=1.0,
       expert_capacity_factor=2.0,

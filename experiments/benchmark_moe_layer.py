@@ -7,6 +7,7 @@ their backward. ratio = baseline time / layer time (1.0 = as fast as dense).
 
   python -m experiments.benchmark_moe_layer                   # GPU presets
   python -m experiments.benchmark_moe_layer --preset=smoke    # tiny, any backend
+  python -m experiments.benchmark_moe_layer --router_precision=bfloat16  # bf16 router logits
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.layers.experts import FUSED_IMPLS, Experts
-from moe_jax.layers.moe import MoeConfig, MoeLayer
+from moe_jax.layers.moe import ROUTER_LOGITS_PRECISIONS, MoeConfig, MoeLayer
 from moe_jax.ops.grouped_matmul import resolve_impl
 from moe_jax.routing import RouterConfig
 
@@ -38,6 +39,9 @@ _TRACE_DIR = flags.DEFINE_string(
     "layer steps per shape and implementation here, and print the top GPU kernels.")
 _FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
                            "model.moe.fused_dispatch values to time (on: Pallas impls only).")
+_ROUTER_PRECISION = flags.DEFINE_enum(
+    "router_precision", "float32", list(ROUTER_LOGITS_PRECISIONS),
+    "model.moe.router.logits_precision: the router logits matmul's precision.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +73,15 @@ def median_seconds(fn, *args, iters: int) -> float:
   return statistics.median(times)
 
 
+def router_config(shape: Shape) -> RouterConfig:
+  return RouterConfig(name="topk", num_experts=shape.num_experts, top_k=shape.top_k,
+                      logits_precision=_ROUTER_PRECISION.value)
+
+
 def layer_step(shape: Shape, impl: str, fused: str, dtype):
   """The jitted layer forward+backward and its arguments."""
   cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
-                  gmm_impl=impl, fused_dispatch=fused, router=RouterConfig(name="topk", num_experts=shape.num_experts,
-                                                     top_k=shape.top_k))
+                  gmm_impl=impl, fused_dispatch=fused, router=router_config(shape))
   layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
   key = jax.random.key(0)
   x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
@@ -100,7 +108,7 @@ def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str) -> N
   from experiments import trace_summary  # pylint: disable=g-import-not-at-top
   fn, args = layer_step(shape, impl, fused, dtype)
   jax.block_until_ready(fn(*args))
-  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}")
+  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}-router_{_ROUTER_PRECISION.value}")
   with jax.profiler.trace(run_dir, create_perfetto_trace=True):
     for _ in range(3):
       jax.block_until_ready(fn(*args))
@@ -112,8 +120,7 @@ def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str) -> N
 def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
   """The layer's expert stage alone: same weights shapes, same routed group sizes."""
   cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
-                  gmm_impl=impl, router=RouterConfig(name="topk", num_experts=shape.num_experts,
-                                                     top_k=shape.top_k))
+                  gmm_impl=impl, router=router_config(shape))
   key = jax.random.key(0)
   x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
   layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
@@ -168,7 +175,8 @@ def print_row(name, what, seconds, flops, base):
 def main(argv):
   del argv
   dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
-  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; dtype {dtype.__name__}")
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; dtype {dtype.__name__}; "
+        f"router logits precision {_ROUTER_PRECISION.value}")
   print(f"{'shape':<14} {'what':<34} {'ms':>9} {'TF/s':>8} {'ratio':>6}", flush=True)
   for shape in PRESETS[_PRESET.value]:
     if _ONLY.value and shape.name not in _ONLY.value:

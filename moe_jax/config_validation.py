@@ -8,6 +8,7 @@ from typing import Any
 
 from moe_jax.dispatch import DISPATCH_MODES
 from moe_jax.layers.experts import ACTIVATIONS, EXPERT_KINDS
+from moe_jax.layers.moe import ROUTER_LOGITS_PRECISIONS
 from moe_jax.layers.transformer import DTYPES
 from moe_jax.routing import get_router
 from moe_jax.sharding import mesh_shape
@@ -56,9 +57,13 @@ def validate_config(config: Any, num_devices: int) -> None:
              f"model.moe.router.anneal_steps={router.anneal_steps}; allowed: >= 1")
   _require(router.jitter_eps >= 0 and router.jitter_eps < 1,
            f"model.moe.router.jitter_eps={router.jitter_eps}; allowed: 0 <= jitter_eps < 1")
+  router_config = _router_config(config)  # missing fields take their defaults
+  _require(router_config.logits_precision in ROUTER_LOGITS_PRECISIONS,
+           f"model.moe.router.logits_precision={router_config.logits_precision!r}; "
+           f"allowed: {list(ROUTER_LOGITS_PRECISIONS)}")
   if definition.validate is not None:
     try:
-      definition.validate(_router_config(config))
+      definition.validate(router_config)
     except ValueError as e:
       raise ConfigError(str(e)) from None
   _require(moe.expert_kind in EXPERT_KINDS,

@@ -73,6 +73,9 @@ class RouterConfig:
   top_k: int = 2
   renormalize: bool = True              # topk: renormalise the k weights
   jitter_eps: float = 0.0               # topk: multiplicative input jitter
+  # Router logits matmul: "float32" (f32 operands, precision HIGHEST) or
+  # "bfloat16" (bf16 operands, f32 accumulation); see MoeLayer.
+  logits_precision: str = "float32"
   # Coefficients of the auxiliary losses (the layer multiplies by them).
   load_balance_coef: float = 0.01       # Switch: alpha * E * sum f_i P_i
   z_loss_coef: float = 0.0              # ST-MoE router z-loss

@@ -14,6 +14,7 @@ def test_moe_layer_benchmark_smoke():
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.splitlines()
+  assert "router logits precision float32" in lines[0], lines[0]  # the default
   assert any("dense-equivalent" in l for l in lines)
   assert any("moe layer [ragged_dot]" in l for l in lines)
   assert any("moe layer [reference]" in l for l in lines)
@@ -25,10 +26,11 @@ def test_moe_layer_trace_summary(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark_moe_layer", "--preset=smoke",
        "--impls=auto", "--fused_dispatch=off", "--iters=1", "--skip_dense",
-       f"--trace_dir={tmp_path}"],
+       "--router_precision=bfloat16", f"--trace_dir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
+  assert "router logits precision bfloat16" in out.stdout.splitlines()[0], out.stdout[:500]
   assert "device time per step" in out.stdout, out.stdout[-2000:]
   summary = subprocess.run(
       [sys.executable, "-m", "experiments.trace_summary", str(tmp_path), "--steps=3"],

@@ -1,4 +1,5 @@
 """Config validation (clear errors before compute) and every shipped config."""
+import dataclasses
 import glob
 import importlib
 import os
@@ -6,8 +7,9 @@ import os
 import jax
 import pytest
 
+from configs.base import router_defaults
 from moe_jax.config_validation import ConfigError, validate_config
-from moe_jax.routing import known_routers
+from moe_jax.routing import RouterConfig, known_routers
 from moe_jax.training import loop
 
 CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py")
@@ -70,10 +72,26 @@ def bad(path, value):
     ("model.moe.dispatch", "sorted", r"model\.moe\.dispatch='sorted'; allowed: \['dropless', 'capacity'\]"),
     ("model.dtype", "fp8", r"model\.dtype='fp8'; allowed"),
     ("model.moe.expert_kind", "moe", r"model\.moe\.expert_kind='moe'; allowed: \['mlp', 'swiglu'\]"),
+    ("model.moe.router.logits_precision", "fp8",
+     r"model\.moe\.router\.logits_precision='fp8'; allowed: \['float32', 'bfloat16'\]"),
 ])
 def test_bad_fields_are_named(path, value, pattern):
   with pytest.raises(ConfigError, match=pattern):
     validate_config(bad(path, value), num_devices=1)
+
+
+def test_router_logits_precision():
+  config = load("default")
+  assert config.model.moe.router.logits_precision == "float32"
+  config.model.moe.router.logits_precision = "bfloat16"
+  validate_config(config, num_devices=1)
+  del config.model.moe.router.logits_precision  # configs written before the field
+  validate_config(config, num_devices=1)
+
+
+def test_router_defaults_declare_every_router_field():
+  fields = {f.name for f in dataclasses.fields(RouterConfig)} - {"num_experts"}
+  assert set(router_defaults()) == fields
 
 
 def test_capacity_factor_must_be_positive_where_used():

@@ -14,7 +14,7 @@ import pytest
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax.layers.moe import MoeConfig, MoeLayer
-from moe_jax.routing import RouterConfig, RouterInputs, get_router, known_routers
+from moe_jax.routing import ROUTERS, RouterConfig, RouterInputs, get_router, known_routers
 from kernel_refs import rel_err as _rel
 from moe_kernels import gmm_mosaic
 
@@ -275,3 +275,148 @@ def test_fused_dispatch_auto_falls_back_where_it_does_not_apply():
   np.testing.assert_allclose(np.asarray(layer.apply(variables, x, ids, step=3)),
                              np.asarray(reference_layer(variables, cfg, x, ids)),
                              rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# model.moe.router.logits_precision: the router projections' matmul precision.
+
+PROJECTIONS = {"topk": ["router"], "noisy_topk": ["router", "router_noise"]}
+
+
+@pytest.fixture
+def routed_inputs(monkeypatch):
+  """Records the RouterInputs the layer hands to the topk and noisy_topk routers."""
+  seen = []
+  for name in PROJECTIONS:
+    definition = get_router(name)
+
+    def spy(inputs, cfg, rng, train, fn=definition.fn):
+      seen.append(inputs)
+      return fn(inputs, cfg, rng, train)
+    monkeypatch.setitem(ROUTERS, name, dataclasses.replace(definition, fn=spy))
+  return seen
+
+
+def with_precision(cfg, precision, **router_kw):
+  return dataclasses.replace(cfg, router=dataclasses.replace(
+      cfg.router, logits_precision=precision, **router_kw))
+
+
+def projections(seen, cfg, variables, x, ids, **apply_kw):
+  """{param name: logits} the layer computed in one call (router, router_noise)."""
+  seen.clear()
+  MoeLayer(cfg).apply(variables, x, ids, step=3, **apply_kw)
+  (inputs,) = seen
+  logits = {"router": inputs.logits, "router_noise": inputs.noise_logits}
+  return {name: logits[name] for name in PROJECTIONS[cfg.router.name]}
+
+
+def as_bf16_f64(a):
+  return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("router", sorted(PROJECTIONS))
+def test_default_router_logits_are_float32_highest(router, routed_inputs):
+  cfg = make_cfg(router, "dropless")
+  assert cfg.router.logits_precision == "float32"
+  _, variables, x, ids = setup(cfg)
+  xt = x.reshape(-1, x.shape[-1])
+  for name, logits in projections(routed_inputs, cfg, variables, x, ids).items():
+    want = jnp.dot(xt.astype(jnp.float32), variables["params"][name].astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want), err_msg=name)
+
+
+@pytest.mark.parametrize("router", sorted(PROJECTIONS))
+def test_bfloat16_router_logits_round_operands_and_accumulate_in_float32(router, routed_inputs):
+  cfg32 = make_cfg(router, "dropless")
+  cfg16 = with_precision(cfg32, "bfloat16")
+  _, variables, x, ids = setup(cfg16)
+  got16 = projections(routed_inputs, cfg16, variables, x, ids)
+  got32 = projections(routed_inputs, cfg32, variables, x, ids)
+  xt = x.reshape(-1, x.shape[-1])
+  for name, logits in got16.items():
+    w = variables["params"][name]
+    assert w.dtype == jnp.float32, name  # the parameter stays float32
+    assert logits.dtype == jnp.float32, name
+    # bf16-rounded operands, products and sums in float64 (the layer sums in float32).
+    np.testing.assert_allclose(np.asarray(logits, np.float64), as_bf16_f64(xt) @ as_bf16_f64(w),
+                               rtol=1e-5, atol=1e-5, err_msg=name)
+    err = _rel(logits, got32[name])  # about bf16 rounding (2^-9) away from float32 mode
+    assert 1e-4 < err < 2e-2, (name, err)
+
+
+def test_bfloat16_router_logits_see_the_jittered_input(routed_inputs):
+  cfg32 = make_cfg("topk", "dropless")
+  cfg16 = with_precision(cfg32, "bfloat16")
+  _, variables, x, ids = setup(cfg32)
+  jitter = lambda cfg: dataclasses.replace(
+      cfg, router=dataclasses.replace(cfg.router, jitter_eps=0.5))
+  train = dict(train=True, rngs={"router": jax.random.key(7)})
+  eval16 = projections(routed_inputs, cfg16, variables, x, ids)["router"]
+  train16 = projections(routed_inputs, jitter(cfg16), variables, x, ids, **train)["router"]
+  train32 = projections(routed_inputs, jitter(cfg32), variables, x, ids, **train)["router"]
+  assert _rel(train16, eval16) > 0.05  # the jitter reached the bfloat16 projection
+  assert 1e-4 < _rel(train16, train32) < 2e-2  # the same jitter as in float32 mode
+
+
+def test_bfloat16_router_layer_gradients_are_close_to_float32():
+  cfg32 = make_cfg("topk", "dropless")
+  cfg16 = with_precision(cfg32, "bfloat16")
+  _, variables, x, ids = setup(cfg32)
+  cot = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+
+  def value_and_grads(cfg):
+    def loss(params):
+      y, state = MoeLayer(cfg).apply({**variables, "params": params}, x, ids, step=3,
+                                     mutable=["moe"])
+      return jnp.sum(y * cot) + state["moe"]["aux_loss"][0]
+    return jax.value_and_grad(loss)(variables["params"])
+
+  (v16, g16), (v32, g32) = value_and_grads(cfg16), value_and_grads(cfg32)
+  assert np.isfinite(float(v16))
+  np.testing.assert_allclose(float(v16), float(v32), rtol=5e-2)
+  for path, g in jax.tree_util.tree_leaves_with_path(g16):
+    assert np.all(np.isfinite(np.asarray(g))), jax.tree_util.keystr(path)
+  assert g16["router"].dtype == jnp.float32
+  err = _rel(g16["router"], g32["router"])
+  assert 0 < err < 5e-2, err
+
+
+def dot_generals(jaxpr):
+  """Every dot_general equation in a jaxpr, nested jaxprs (jit, custom_vjp) included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from dot_generals(sub)
+
+
+@pytest.mark.parametrize("precision,operands,matmul_precision", [
+    # What decides the speed on a GPU, which CPU results cannot show: true-float32
+    # HIGHEST (CUDA cores) against bfloat16 operands (tensor cores).
+    ("float32", "float32", (jax.lax.Precision.HIGHEST,) * 2),
+    ("bfloat16", "bfloat16", None),
+])
+def test_router_projections_in_the_jaxpr(precision, operands, matmul_precision):
+  cfg = with_precision(make_cfg("noisy_topk", "dropless"), precision)
+  layer, variables, x, ids = setup(cfg)
+  jaxpr = jax.make_jaxpr(lambda v: layer.apply(v, x, ids, step=3))(variables).jaxpr
+  router_dots = [e for e in dot_generals(jaxpr) if e.invars[1].aval.shape == (D_MODEL, E)]
+  assert len(router_dots) == 2  # router and router_noise
+  for eqn in router_dots:
+    assert [str(v.aval.dtype) for v in eqn.invars] == [operands] * 2
+    assert eqn.params["precision"] == matmul_precision
+    assert eqn.params["preferred_element_type"] == jnp.float32
+    assert eqn.outvars[0].aval.dtype == jnp.float32
+
+
+def test_unknown_router_logits_precision_is_a_clear_error():
+  cfg = with_precision(make_cfg("topk", "dropless"), "fp8")
+  with pytest.raises(ValueError, match=r"model\.moe\.router\.logits_precision='fp8'; "
+                     r"allowed: \['float32', 'bfloat16'\]"):
+    MoeLayer(cfg).init(jax.random.key(0), jnp.ones((1, 4, D_MODEL)))

@@ -158,6 +158,12 @@ def test_validation_names_field(name, kw, field):
     routing.get_router(name).validate(cfg)
 
 
+def test_router_config_from_carries_logits_precision():
+  assert routing.router_config_from({"name": "topk"}, E).logits_precision == "float32"
+  cfg = routing.router_config_from({"name": "topk", "logits_precision": "bfloat16"}, E)
+  assert cfg.logits_precision == "bfloat16"
+
+
 # ---------------------------------------------------------------------------
 # topk and noisy_topk.
 

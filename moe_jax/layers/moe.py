@@ -26,6 +26,33 @@ from moe_jax.routing import (Routing, RouterConfig, RouterInputs, expert_load_fr
 FUSED_MODES = ("off", "auto", "on")
 
 
+def _logits_float32(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def _logits_bfloat16(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32)
+
+
+# model.moe.router.logits_precision -> router projection (float32 x [T, d], float32
+# w [d, E]) -> float32 logits [T, E]. "float32" is the default: router stability
+# is sensitive to logit precision (ST-MoE). "bfloat16" rounds both operands and
+# accumulates in float32, a speed option (true-f32 matmuls run on CUDA cores).
+ROUTER_LOGITS_PRECISIONS = {
+    "float32": _logits_float32,
+    "bfloat16": _logits_bfloat16,
+}
+
+
+def router_logits_fn(precision: str):
+  """The router projection for ``model.moe.router.logits_precision``."""
+  if precision not in ROUTER_LOGITS_PRECISIONS:
+    raise ValueError(f"model.moe.router.logits_precision={precision!r}; "
+                     f"allowed: {list(ROUTER_LOGITS_PRECISIONS)}")
+  return ROUTER_LOGITS_PRECISIONS[precision]
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
   num_experts: int = 8
@@ -89,6 +116,7 @@ class MoeLayer(nn.Module):
 
   def _router_inputs(self, x_tokens, token_ids, step, definition, bias, train):
     cfg = self.cfg
+    logits_fn = router_logits_fn(cfg.router.logits_precision)
     router_x = x_tokens.astype(jnp.float32)
     if train and cfg.router.jitter_eps > 0:
       eps = cfg.router.jitter_eps
@@ -99,7 +127,7 @@ class MoeLayer(nn.Module):
 
     def project(name):
       w = self.param(name, init, (d_model, num_experts), jnp.float32)
-      return jnp.dot(router_x, w, precision=jax.lax.Precision.HIGHEST)
+      return logits_fn(router_x, w)
 
     ids = None
     if definition.needs_token_ids:
