@@ -73,10 +73,13 @@ class Tiles:
 
 
 def default_tiles(m: int, k: int, n: int, num_groups: int) -> Tiles:
-  del k
   tn = 128 if n % 256 == 0 else 64
   tm = 128 if m >= 128 * num_groups else 64  # few rows per group: halve the waste
-  return Tiles(tm=tm, tn=tn)
+  # A 3-deep ring measured faster for long contractions on skewed groups (dsv3,
+  # K=7168: 0.68 -> 0.83 of dense) and level elsewhere at K >= 4096; shorter
+  # contractions and tn=64 keep 4 (docs/benchmarks.md, third session).
+  stages = 3 if k >= 4096 and tn == 128 else 4
+  return Tiles(tm=tm, tn=tn, stages=stages)
 
 
 def dtype_reason(dtype, what: str) -> Optional[str]:

@@ -114,6 +114,15 @@ def test_schedule_visits_every_row_once():
     assert np.all(covered == 1)
 
 
+def test_schedule_has_no_loops():
+  # A while loop here (jnp.searchsorted's default "scan" method) launches a small
+  # kernel per step before every grouped matmul: 0.1 to 0.25 ms per call on an H100.
+  jaxpr = jax.make_jaxpr(lambda g: schedule.make_schedule(g, 4096, 128).visit_meta)(
+      jnp.ones((64,), jnp.int32))
+  text = str(jaxpr)   # includes nested jaxprs
+  assert "while[" not in text and "scan[" not in text, text
+
+
 def _streams(meta, num_groups, light_max):
   counts = np.bincount(meta[:, 0], minlength=num_groups + 2)
   real = meta[:, 0] < num_groups

@@ -61,6 +61,8 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
      Tiles(tm=64, tn=64, stages=2, window=2, light_max=2)),
     ("light_off", 448, 64, 256, [200, 10, 0, 150, 30],
      Tiles(tm=64, tn=64, stages=2, window=2, light_max=0)),
+    # a 3-deep ring over 4 contraction steps (the default for K >= 4096); tail 40
+    ("ring3", 200, 256, 256, [90, 0, 70], Tiles(tm=64, tn=64, stages=3)),
 ]
 IDS = [c[0] for c in CASES]
 CASES = [c[1:] for c in CASES]
@@ -101,6 +103,12 @@ def test_gmm_forward(m, k, n, gs, tiles, dtype):
   y = gmm_mosaic.gmm(x, w, jnp.asarray(gs), tiles=tiles, interpret=True)
   assert y.dtype == dtype
   _check_out(y, _ref_gmm(x, w, gs), gs, dtype)
+
+
+def test_default_tiles_pick_the_ring_depth_by_contraction():
+  assert gmm_mosaic.default_tiles(131072, 7168, 2048, 256).stages == 3
+  assert gmm_mosaic.default_tiles(65536, 2048, 768, 64).stages == 4
+  assert gmm_mosaic.default_tiles(65536, 4096, 1408, 64).stages == 4   # tn = 64
 
 
 def test_gmm_out_dtype_float32():
