@@ -49,6 +49,7 @@ from moe_kernels import gmm as gmm_lib  # noqa: E402  pylint: disable=g-import-n
 from moe_kernels import gmm_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import gmm_triton  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import tuning  # noqa: E402  pylint: disable=g-import-not-at-top
+from moe_kernels import tgmm_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SHAPES = {
     "llama-ish": (32768, 4096, 3584, 8),
@@ -72,7 +73,9 @@ _DISTS = flags.DEFINE_list("dists", ["balanced", "skewed"], "group-size distribu
 _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic", "pallas_triton", "ragged_dot"],
                            "implementations (pallas_mosaic needs Hopper or --interpret); "
                            "pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]] "
-                           "times Mosaic tile variants (forward only)")
+                           "times Mosaic tile variants (forward only); "
+                           "tgmm_mosaic@tko/tn/tr/stages[/window[/window_from]] times "
+                           "weight-gradient tile variants (mode tgmm)")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
                            "fwd, fwdbwd, and/or tgmm (the weight-gradient kernel alone)")
 _ITERS = flags.DEFINE_integer("iters", 20, "calls per timing sample")
@@ -197,8 +200,21 @@ def mosaic_variant(name):
   return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
 
 
+def tgmm_variant(name):
+  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from]]``: mode tgmm only;
+  omitted fields take the ``tgmm_mosaic.Tiles`` defaults."""
+  fields = [int(v) for v in name.split("@")[1].split("/")]
+  names = ("tko", "tn", "tr", "stages", "window", "window_from")
+  if not 4 <= len(fields) <= len(names):
+    raise ValueError(f"{name!r}: want tgmm_mosaic@{'/'.join(names[:4])}[/window[/window_from]]")
+  tiles = tgmm_mosaic.Tiles(**dict(zip(names, fields)))
+  return lambda x, dy, gs: tgmm_mosaic.tgmm(x, dy, gs, tiles=tiles, interpret=_INTERPRET.value)
+
+
 def tgmm_fn(name):
   """The weight-gradient kernel alone (mode "tgmm"); same FLOPs as the forward."""
+  if name.startswith("tgmm_mosaic@"):
+    return tgmm_variant(name)
   backend = {"pallas_triton": "triton", "pallas_mosaic": "mosaic"}.get(name)
   if backend is None:
     return None
@@ -322,9 +338,11 @@ def run_bench(log):
         for mode in _MODES.value:
           if impl in ("pallas_dense", "pallas_e1") and (mode != "fwd" or dist != "balanced"):
             continue
-          if "@" in impl and mode != "fwd":
+          if impl.startswith("pallas_mosaic@") and mode != "fwd":
             continue
-          fn = impl_fn(impl)
+          if impl.startswith("tgmm_mosaic@") and mode != "tgmm":
+            continue
+          fn = impl_fn(impl) if mode != "tgmm" else None
           if mode == "tgmm" and tgmm_fn(impl) is None:
             continue
           try:
