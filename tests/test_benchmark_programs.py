@@ -58,3 +58,23 @@ def test_gmm_benchmark_smoke():
       for mode in ("fwd", "fwdbwd", "tgmm"):
         assert (shape, impl, mode) in seen, (shape, impl, mode, out.stdout[-3000:])
     assert (shape, "ragged_dot", "fwdbwd") in seen
+
+
+def test_gmm_benchmark_tile_variants_smoke():
+  from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
+  impls = ["pallas_mosaic@64/64/64/2/2/0/2"]
+  if gmm_mosaic.interpreter_reads_transposed():  # tgmm reads x transposed
+    impls.append("tgmm_mosaic@128/64/64/2")
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret",
+       "--shapes=tiny-mosaic", f"--impls={','.join(impls)}", "--modes=fwd,tgmm",
+       "--dists=skewed", "--fused=false", "--iters=1", "--reps=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "FAILED" not in out.stdout, out.stdout[-3000:]
+  seen = {(r[2], r[3]) for r in (l.split() for l in out.stdout.splitlines())
+          if r and r[0] == "tiny-mosaic"}
+  assert (impls[0], "fwd") in seen and (impls[0], "tgmm") not in seen, seen
+  if len(impls) > 1:
+    assert (impls[1], "tgmm") in seen and (impls[1], "fwd") not in seen, seen
