@@ -186,28 +186,30 @@ def impl_fn(name):
   raise ValueError(name)
 
 
-def mosaic_variant(name):
-  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]]``: forward only;
-  omitted fields take the ``gmm_mosaic.Tiles`` defaults."""
-  fields = [int(v) for v in name.split("@")[1].split("/")]
-  names = ("tm", "tn", "tk", "stages", "window", "overlap", "light_max")
-  if not 5 <= len(fields) <= len(names):
-    raise ValueError(f"{name!r}: want pallas_mosaic@{'/'.join(names[:5])}[/overlap[/light_max]]")
+def variant_tiles(name, tiles_cls, names, required):
+  """``prefix@v1/v2/...`` -> ``tiles_cls`` with the first ``required`` of ``names``
+  given and the rest optional (omitted fields take the class defaults)."""
+  prefix, spec = name.split("@")
+  fields = [int(v) for v in spec.split("/")]
+  if not required <= len(fields) <= len(names):
+    optional = "".join(f"[/{n}" for n in names[required:]) + "]" * (len(names) - required)
+    raise ValueError(f"{name!r}: want {prefix}@{'/'.join(names[:required])}{optional}")
   values = dict(zip(names, fields))
-  if "overlap" in values:
-    values["overlap"] = bool(values["overlap"])
-  tiles = gmm_mosaic.Tiles(**values)
+  defaults = tiles_cls()
+  return tiles_cls(**{k: type(getattr(defaults, k))(v) for k, v in values.items()})
+
+
+def mosaic_variant(name):
+  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]]``: forward only."""
+  tiles = variant_tiles(name, gmm_mosaic.Tiles,
+                        ("tm", "tn", "tk", "stages", "window", "overlap", "light_max"), 5)
   return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
 
 
 def tgmm_variant(name):
-  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from]]``: mode tgmm only;
-  omitted fields take the ``tgmm_mosaic.Tiles`` defaults."""
-  fields = [int(v) for v in name.split("@")[1].split("/")]
-  names = ("tko", "tn", "tr", "stages", "window", "window_from")
-  if not 4 <= len(fields) <= len(names):
-    raise ValueError(f"{name!r}: want tgmm_mosaic@{'/'.join(names[:4])}[/window[/window_from]]")
-  tiles = tgmm_mosaic.Tiles(**dict(zip(names, fields)))
+  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from]]``: mode tgmm only."""
+  tiles = variant_tiles(name, tgmm_mosaic.Tiles,
+                        ("tko", "tn", "tr", "stages", "window", "window_from"), 4)
   return lambda x, dy, gs: tgmm_mosaic.tgmm(x, dy, gs, tiles=tiles, interpret=_INTERPRET.value)
 
 
