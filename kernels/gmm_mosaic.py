@@ -289,7 +289,9 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   """Grouped matmul; rows past sum(group_sizes) are zero. See the module doc.
 
   ``interpret``: True (or an ``InterpretGPUParams``) runs the Mosaic GPU
-  interpreter on any backend, for tests.
+  interpreter on any backend, for tests. Call it under ``jax.jit``: from jax 0.11
+  the interpreter runs each warpgroup as a separate CPU computation, and eager ops
+  queued behind it can hold the in-flight slots those need (a deadlock).
   """
   m, k = x.shape
   num_groups = w.shape[0]

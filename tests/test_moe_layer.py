@@ -206,7 +206,7 @@ def test_fused_dispatch_kernels_match_loop(router, impl):
   np.testing.assert_allclose(np.asarray(ours(variables["params"])),
                              np.asarray(ref(variables["params"])), rtol=1e-4, atol=1e-5)
   cot = assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=2)
-  g_x = jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot))(x)
+  g_x = jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot)))(x)
   g_x_ref = jax.grad(lambda x: jnp.sum(reference_layer(variables, cfg, x, ids) * cot))(x)
   np.testing.assert_allclose(np.asarray(g_x), np.asarray(g_x_ref), rtol=1e-4, atol=1e-5)
 
@@ -231,7 +231,11 @@ def test_mosaic_interpret_layer_matches_loop(fused_dispatch, grads, mosaic_calls
   _, variables, x, ids = setup(cfg, seed=4, d_model=128)
   layer = MoeLayer(cfg, dtype=jnp.bfloat16)  # float32 params, bfloat16 compute
   calls = mosaic_calls
-  ours = lambda p: layer.apply({**variables, "params": p}, x, ids, step=3)
+  # Everything under jit: on jax >= 0.11 the Mosaic GPU interpreter runs each
+  # warpgroup as its own CPU computation, and eager ops queued behind the kernel
+  # can hold the CPU client's in-flight slots those computations need (a deadlock
+  # seen on 2-core machines).
+  ours = jax.jit(lambda p: layer.apply({**variables, "params": p}, x, ids, step=3))
   ref = lambda p: reference_layer({**variables, "params": p}, cfg, x, ids)
   y = ours(variables["params"])
   assert y.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(y)))
@@ -241,13 +245,13 @@ def test_mosaic_interpret_layer_matches_loop(fused_dispatch, grads, mosaic_calls
   if not grads:
     return
   cot = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
-  g_ours = jax.grad(lambda p: jnp.sum(ours(p) * cot))(variables["params"])
+  g_ours = jax.jit(jax.grad(lambda p: jnp.sum(ours(p) * cot)))(variables["params"])
   g_ref = jax.grad(lambda p: jnp.sum(ref(p) * cot))(variables["params"])
   assert len(jax.tree.leaves(g_ours)) == len(jax.tree.leaves(g_ref))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_ours), jax.tree.leaves(g_ref)):
     assert np.all(np.isfinite(np.asarray(a))), jax.tree_util.keystr(path)
     assert _rel(a, b) < MOSAIC_TOL, (jax.tree_util.keystr(path), _rel(a, b))
-  g_x = jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot))(x)
+  g_x = jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot)))(x)
   g_x_ref = jax.grad(lambda x: jnp.sum(reference_layer(variables, cfg, x, ids) * cot))(x)
   assert _rel(g_x, g_x_ref) < MOSAIC_TOL
   if fused_dispatch == "off":  # input gradients and weight gradients on Mosaic too
