@@ -26,8 +26,16 @@ from moe_jax.routing import (Routing, RouterConfig, RouterInputs, expert_load_fr
 FUSED_MODES = ("off", "auto", "on")
 
 
+# float32 products from six bfloat16 tensor-core passes (each operand split in three
+# bfloat16 pieces; the smallest cross terms dropped): float32 accuracy at about 0.7
+# of the time of a true-float32 (HIGHEST) matmul on an H100 for this shape, which
+# runs on CUDA cores (docs/benchmarks.md, fourth session). TPUs run HIGHEST this way.
+FLOAT32_ROUTER_ALGORITHM = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+
+
 def _logits_float32(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+  return jnp.dot(x.astype(jnp.float32), w, precision=FLOAT32_ROUTER_ALGORITHM,
+                 preferred_element_type=jnp.float32)
 
 
 def _logits_bfloat16(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -38,7 +46,7 @@ def _logits_bfloat16(x: jax.Array, w: jax.Array) -> jax.Array:
 # model.moe.router.logits_precision -> router projection (float32 x [T, d], float32
 # w [d, E]) -> float32 logits [T, E]. "float32" is the default: router stability
 # is sensitive to logit precision (ST-MoE). "bfloat16" rounds both operands and
-# accumulates in float32, a speed option (true-f32 matmuls run on CUDA cores).
+# accumulates in float32, a speed option.
 ROUTER_LOGITS_PRECISIONS = {
     "float32": _logits_float32,
     "bfloat16": _logits_bfloat16,
