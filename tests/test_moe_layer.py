@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax.layers.moe import MoeConfig, MoeLayer
+from moe_jax.layers.moe import MoeConfig, MoeLayer, float32_router_precision
 from moe_jax.routing import ROUTERS, RouterConfig, RouterInputs, get_router, known_routers
 from kernel_refs import rel_err as _rel
 from moe_kernels import gmm_mosaic
@@ -405,10 +405,10 @@ def dot_generals(jaxpr):
 
 @pytest.mark.parametrize("precision,x_dtype,operands,matmul_precision", [
     # What decides the speed on a GPU, which CPU results cannot show: float32
-    # operands through six bfloat16 tensor-core passes (a true-float32 HIGHEST
-    # matmul runs on CUDA cores), or bfloat16 operands in one pass.
-    ("float32", jnp.float32, "float32", jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6),
-    ("float32", jnp.bfloat16, "float32", jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6),
+    # operands (on the CPU at HIGHEST; on GPUs through six bfloat16 tensor-core
+    # passes, test below), or bfloat16 operands in one pass.
+    ("float32", jnp.float32, "float32", (jax.lax.Precision.HIGHEST,) * 2),
+    ("float32", jnp.bfloat16, "float32", (jax.lax.Precision.HIGHEST,) * 2),
     ("bfloat16", jnp.float32, "bfloat16", None),
 ])
 def test_router_projections_in_the_jaxpr(precision, x_dtype, operands, matmul_precision):
@@ -423,6 +423,40 @@ def test_router_projections_in_the_jaxpr(precision, x_dtype, operands, matmul_pr
     assert eqn.params["precision"] == matmul_precision
     assert eqn.params["preferred_element_type"] == jnp.float32
     assert eqn.outvars[0].aval.dtype == jnp.float32
+
+
+class _FakeDevice:
+  def __init__(self, platform, compute_capability=None):
+    self.platform = platform
+    if compute_capability is not None:
+      self.compute_capability = compute_capability
+
+
+@pytest.mark.parametrize("device,want", [
+    (_FakeDevice("gpu", "9.0"), jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6),
+    (_FakeDevice("gpu", "8.0"), jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6),
+    (_FakeDevice("gpu", "7.0"), jax.lax.Precision.HIGHEST),  # no bfloat16 tensor cores
+    (_FakeDevice("tpu"), jax.lax.Precision.HIGHEST),          # six bfloat16 passes already
+    (_FakeDevice("cpu"), jax.lax.Precision.HIGHEST),
+])
+def test_float32_router_precision_by_device(device, want):
+  assert float32_router_precision(device) == want
+
+
+def test_six_pass_algorithm_is_float32_accurate_where_it_runs():
+  # The algorithm a GPU uses for "float32" logits, run here on the CPU (XLA takes it
+  # there too): float32 accuracy against float64, forward and weight gradient.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(96, 8)) / 10, jnp.float32)
+  g = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
+  f = lambda x, w: jnp.dot(x, w, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+                           preferred_element_type=jnp.float32)
+  y, vjp = jax.vjp(f, x, w)
+  _, dw = vjp(g)
+  x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+  np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w64, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), x64.T @ g64, rtol=2e-6, atol=2e-6)
 
 
 def test_unknown_router_logits_precision_is_a_clear_error():

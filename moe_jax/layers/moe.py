@@ -26,15 +26,24 @@ from moe_jax.routing import (Routing, RouterConfig, RouterInputs, expert_load_fr
 FUSED_MODES = ("off", "auto", "on")
 
 
-# float32 products from six bfloat16 tensor-core passes (each operand split in three
-# bfloat16 pieces; the smallest cross terms dropped): float32 accuracy at about 0.7
-# of the time of a true-float32 (HIGHEST) matmul on an H100 for this shape, which
-# runs on CUDA cores (docs/benchmarks.md, fourth session). TPUs run HIGHEST this way.
+# On GPUs with bfloat16 tensor cores (compute capability 8.0+): float32 products from
+# six bfloat16 passes (each operand split in three bfloat16 pieces, the smallest
+# cross terms dropped), float32 accuracy at about 0.7 of the time of a true-float32
+# HIGHEST matmul, which runs on CUDA cores (docs/benchmarks.md, fourth session).
+# Elsewhere HIGHEST: TPUs already run it as six bfloat16 passes, CPUs in float32.
 FLOAT32_ROUTER_ALGORITHM = jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6
 
 
+def float32_router_precision(device: Optional[jax.Device] = None):
+  """The matmul precision of the "float32" router logits on ``device`` (default: the first)."""
+  device = device or jax.devices()[0]
+  if device.platform == "gpu" and float(getattr(device, "compute_capability", 0) or 0) >= 8.0:
+    return FLOAT32_ROUTER_ALGORITHM
+  return jax.lax.Precision.HIGHEST
+
+
 def _logits_float32(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.dot(x.astype(jnp.float32), w, precision=FLOAT32_ROUTER_ALGORITHM,
+  return jnp.dot(x.astype(jnp.float32), w, precision=float32_router_precision(),
                  preferred_element_type=jnp.float32)
 
 
