@@ -443,22 +443,6 @@ def test_float32_router_precision_by_device(device, want):
   assert float32_router_precision(device) == want
 
 
-def test_six_pass_algorithm_is_float32_accurate_where_it_runs():
-  # The algorithm a GPU uses for "float32" logits, run here on the CPU (XLA takes it
-  # there too): float32 accuracy against float64, forward and weight gradient.
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(96, 8)) / 10, jnp.float32)
-  g = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
-  f = lambda x, w: jnp.dot(x, w, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
-                           preferred_element_type=jnp.float32)
-  y, vjp = jax.vjp(f, x, w)
-  _, dw = vjp(g)
-  x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
-  np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w64, rtol=2e-6, atol=2e-6)
-  np.testing.assert_allclose(np.asarray(dw, np.float64), x64.T @ g64, rtol=2e-6, atol=2e-6)
-
-
 def test_unknown_router_logits_precision_is_a_clear_error():
   cfg = with_precision(make_cfg("topk", "dropless"), "fp8")
   with pytest.raises(ValueError, match=r"model\.moe\.router\.logits_precision='fp8'; "
