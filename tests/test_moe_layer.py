@@ -405,8 +405,9 @@ def dot_generals(jaxpr):
 
 @pytest.mark.parametrize("precision,x_dtype,operands,matmul_precision", [
     # What decides the speed on a GPU, which CPU results cannot show: float32
-    # operands (on the CPU at HIGHEST; on GPUs through six bfloat16 tensor-core
-    # passes, test below), or bfloat16 operands in one pass.
+    # operands (on the CPU at HIGHEST; on GPUs of compute capability 8.0+ through
+    # six bfloat16 tensor-core passes: test_float32_router_precision_by_device),
+    # or bfloat16 operands in one pass.
     ("float32", jnp.float32, "float32", (jax.lax.Precision.HIGHEST,) * 2),
     ("float32", jnp.bfloat16, "float32", (jax.lax.Precision.HIGHEST,) * 2),
     ("bfloat16", jnp.float32, "bfloat16", None),
