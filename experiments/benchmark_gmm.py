@@ -72,9 +72,9 @@ _SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "ds
 _DISTS = flags.DEFINE_list("dists", ["balanced", "skewed"], "group-size distributions")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic", "pallas_triton", "ragged_dot"],
                            "implementations (pallas_mosaic needs Hopper or --interpret); "
-                           "pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]] "
+                           "pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max[/group_aligned]]] "
                            "times Mosaic tile variants (forward only); "
-                           "tgmm_mosaic@tko/tn/tr/stages[/window[/window_from]] times "
+                           "tgmm_mosaic@tko/tn/tr/stages[/window[/window_from[/group_aligned]]] times "
                            "weight-gradient tile variants (mode tgmm)")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
                            "fwd, fwdbwd, and/or tgmm (the weight-gradient kernel alone)")
@@ -200,16 +200,19 @@ def variant_tiles(name, tiles_cls, names, required):
 
 
 def mosaic_variant(name):
-  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max]]``: forward only."""
+  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max[/group_aligned]]]``:
+  forward only."""
   tiles = variant_tiles(name, gmm_mosaic.Tiles,
-                        ("tm", "tn", "tk", "stages", "window", "overlap", "light_max"), 5)
+                        ("tm", "tn", "tk", "stages", "window", "overlap", "light_max",
+                         "group_aligned"), 5)
   return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
 
 
 def tgmm_variant(name):
-  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from]]``: mode tgmm only."""
+  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from[/group_aligned]]]``: mode tgmm only."""
   tiles = variant_tiles(name, tgmm_mosaic.Tiles,
-                        ("tko", "tn", "tr", "stages", "window", "window_from"), 4)
+                        ("tko", "tn", "tr", "stages", "window", "window_from",
+                         "group_aligned"), 4)
   return lambda x, dy, gs: tgmm_mosaic.tgmm(x, dy, gs, tiles=tiles, interpret=_INTERPRET.value)
 
 
@@ -318,7 +321,11 @@ def run_bench(log):
     m, k, n, e = SHAPES[sname]
     x, w, dy = make_inputs(m, k, n, e, dtype)
     wd = w[0]
-    dense_f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
+    # float32 inputs: the dense baseline at HIGHEST (true float32, as the Triton
+    # kernels' float32 dots), not XLA's default, which may round to TF32.
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    dense_f = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision,
+                                           preferred_element_type=jnp.float32).astype(a.dtype))
     flops = 2.0 * m * k * n
     # fwd+bwd is three matmuls of these FLOPs: the dense baseline is 3x the dense
     # forward (XLA's own vjp of a bf16 dot with f32 output upcasts dy and is slower).

@@ -1,9 +1,11 @@
 """Grouped matmul on Hopper through Pallas Mosaic GPU: persistent and warp-specialized.
 
 ``gmm(x[M, K], w[E, K, N], group_sizes)`` (or ``w[E, N, K]`` read transposed,
-for the input gradient) with the row schedule of ``moe_kernels.schedule``:
-a visit is a (row tile, group) pair, and a row tile that straddles group
-boundaries is visited once per group, each visit storing only its group's rows.
+for the input gradient) with the group-aligned row schedule of
+``moe_kernels.schedule.group_aligned_visits``: a visit is one row tile of one
+group, starting at the group's first row rounded down to a multiple of 8 (so a
+group of s rows gets about cdiv(s, tm) visits); a tile may also read its
+neighbours' rows, and stores only its own group's.
 
 Structure of one CTA (three warpgroups, one CTA per SM, persistent):
 
@@ -46,6 +48,12 @@ except ImportError:  # pragma: no cover
   plgpu = None
 
 
+# Mosaic GPU copies a [rows, cols] block into shared memory tiled (8, swizzle)
+# with TMA over the same tiling of global memory, so a copy's first row must be a
+# multiple of 8, and the kernel must prove it (pl.multiple_of) to compile.
+TMA_ROW_ALIGN = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   tm: int = 128     # rows per tile (wgmma M of each compute warpgroup)
@@ -70,6 +78,10 @@ class Tiles:
   # K / tk to be a multiple of the ring depth; otherwise it is skipped. Off by
   # default: correct on the H100 but measured no faster (docs/benchmarks.md).
   overlap: bool = False
+  # Row tiles start at their group's first row (schedule.group_aligned_visits),
+  # not on the tm grid, where a group straddling a tile boundary is visited once
+  # more (schedule.make_schedule). Kept switchable to measure one against the other.
+  group_aligned: bool = True
 
 
 def default_tiles(m: int, k: int, n: int, num_groups: int) -> Tiles:
@@ -223,7 +235,7 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
       (idx,) = info.index
       visit, nj = item_coords(idx, t.window, n_ctas)
       group = meta_gmem[visit, 0]
-      row0 = meta_gmem[visit, 1] * t.tm
+      row0 = pl.multiple_of(meta_gmem[visit, 1], TMA_ROW_ALIGN)
       lo = meta_gmem[visit, 2] - row0   # first row to store, within the tile
       size = meta_gmem[visit, 3] - meta_gmem[visit, 2]
       col0 = nj * cta_n + wg * t.tn     # this warpgroup's first output column
@@ -307,11 +319,19 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     raise ValueError(f"moe_kernels.gmm_mosaic: {reason}")
   check_interpretable(interpret, transpose_rhs, "gmm_mosaic.gmm(transpose_rhs=True)")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  padded = sched_lib.pl_cdiv(m, t.tm) * t.tm
-  if padded != m:  # whole row tiles for TMA; the spare rows are never stored
+  # Tiles never read past row M (the schedule moves a tile that would back), but
+  # start on multiples of 8 rows (TMA_ROW_ALIGN), so M is padded to a multiple of 8
+  # and to at least one tile; the spare rows are never stored.
+  padded = max(sched_lib.pl_cdiv(m, TMA_ROW_ALIGN) * TMA_ROW_ALIGN, t.tm)
+  if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
-  sched = sched_lib.make_schedule(group_sizes.astype(jnp.int32), m, t.tm)
-  meta = visit_order(sched.visit_meta, num_groups, t)
+  sizes = group_sizes.astype(jnp.int32)
+  if t.group_aligned:
+    meta = sched_lib.group_aligned_visits(sizes, padded, t.tm, TMA_ROW_ALIGN)
+  else:  # the tm grid: column 1 holds a tile index; the kernel wants its first row
+    meta = sched_lib.make_schedule(sizes, padded, t.tm).visit_meta
+    meta = meta.at[:, 1].multiply(t.tm)
+  meta = visit_order(meta, num_groups, t)
   num_visits = meta.shape[0]
   n_ctas = n // (2 * t.tn)
   num_items = num_visits * n_ctas

@@ -9,11 +9,12 @@ columns.
 A work item is one [tko, 2 tn] output tile of one group (items ordered group by
 group, and inside a group in windows of dw row blocks that sweep the column
 blocks together: see ``Tiles.window``). It reduces over the
-group's rows in steps of ``tr`` rows, aligned to multiples of ``tr`` (so every
-TMA box starts on the row grid). The first and last steps of a group can hold
-rows of its neighbours: before the wgmma, each compute warpgroup zeroes those
-rows in its own column half of the dy tile in shared memory (dy rows outside
-the group times any finite x row give zero). Empty groups store zeros.
+group's rows in steps of ``tr`` rows starting at the group's first row rounded
+down to a multiple of 8 (``step_plan``; a group near the end of x whose last
+step would run past the padded rows steps on the tr grid instead). A step can
+hold rows of a neighbour group: before the wgmma, each compute warpgroup zeroes
+those rows in its own column half of the dy tile in shared memory (dy rows
+outside the group times any finite x row give zero). Empty groups store zeros.
 
 Limits (``unsupported_reason``): 16-bit floats, K a multiple of ``tko`` and N a
 multiple of 2 ``tn``. x must be finite everywhere (a neighbour's row of x is
@@ -50,6 +51,9 @@ class Tiles:
   # column block varies fastest (measured faster there: docs/benchmarks.md).
   window: int = 16
   window_from: int = 12
+  # Steps start at each group's first row (step_plan); False steps on the tr grid
+  # (one more step for a group straddling a block boundary), kept to compare.
+  group_aligned: bool = True
 
 
 def default_tiles(k: int, n: int) -> Tiles:
@@ -81,9 +85,33 @@ def _window(k_blocks: int, limit: int) -> int:
   return max(w for w in range(1, min(limit, k_blocks) + 1) if k_blocks % w == 0)
 
 
+def step_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, tr: int,
+              group_aligned: bool = True,
+              align: int = gmm_mosaic.TMA_ROW_ALIGN) -> jax.Array:
+  """Per group (first row, one past the last, first row of its first step, steps).
+
+  Steps start at the group's first row rounded down to a multiple of ``align``
+  (TMA copies start on 8-row tiles; see gmm_mosaic.TMA_ROW_ALIGN), so a group of
+  s rows takes about cdiv(s, tr) steps, where on the tr grid a group straddling
+  a block boundary takes one more. A group whose steps would read past
+  ``padded_rows`` steps on the tr grid instead, as does every group with
+  ``group_aligned=False``.
+  """
+  starts, ends = sched_lib.group_bounds(group_sizes.astype(jnp.int32), num_rows)
+  nonempty = ends > starts
+  first = starts // align * align
+  steps = jnp.where(nonempty, (ends - first + tr - 1) // tr, 0)
+  fits = (first + steps * tr <= padded_rows) & group_aligned
+  grid_first = starts // tr
+  grid_steps = jnp.where(nonempty, (ends + tr - 1) // tr - grid_first, 0)
+  row0 = jnp.where(fits, first, grid_first * tr)
+  steps = jnp.where(fits, steps, grid_steps)
+  return jnp.stack([starts, ends, row0, steps], axis=1).astype(jnp.int32)
+
+
 def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
             k_blocks: int, n_ctas: int, num_rows: int):
-  # meta_gmem[g] = (first row, one past the last row, first aligned block, blocks)
+  # meta_gmem[g] = (first row, one past the last row, first row of step 0, steps)
   dtype = x_gmem.dtype
   out_dtype = out_gmem.dtype
   itemsize = jnp.dtype(dtype).itemsize
@@ -123,7 +151,7 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
       kb, nj = gmm_mosaic.item_coords(lax.rem(idx, per_group), window, n_ctas)
       start = meta_gmem[g, 0]
       end = meta_gmem[g, 1]
-      row0 = meta_gmem[g, 2] * t.tr
+      row0 = pl.multiple_of(meta_gmem[g, 2], gmm_mosaic.TMA_ROW_ALIGN)
       steps = meta_gmem[g, 3]
       cols = pl.ds(wg * t.tn, t.tn)
 
@@ -201,10 +229,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
     dy = jnp.pad(dy, ((0, padded - m), (0, 0)))
-  starts, ends = sched_lib.group_bounds(group_sizes.astype(jnp.int32), m)
-  first_block = starts // t.tr
-  blocks = jnp.where(ends > starts, -(-ends // t.tr) - first_block, 0)
-  meta = jnp.stack([starts, ends, first_block, blocks], axis=1).astype(jnp.int32)
+  meta = step_plan(group_sizes, m, padded, t.tr, t.group_aligned)
   kernel = functools.partial(_kernel, t=t, num_groups=num_groups, k_blocks=k // t.tko,
                              n_ctas=n // (2 * t.tn), num_rows=padded)
   call = plgpu.kernel(

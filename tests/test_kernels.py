@@ -18,6 +18,7 @@ from moe_kernels import fused
 from moe_kernels import gmm as gmm_lib
 from moe_kernels import gmm_triton
 from moe_kernels import schedule
+from moe_kernels import tgmm_mosaic
 from moe_kernels import tuning
 from kernel_refs import random_inputs as _inputs
 from kernel_refs import ref_gmm as _ref_gmm
@@ -114,12 +115,71 @@ def test_schedule_visits_every_row_once():
     assert np.all(covered == 1)
 
 
+def test_group_aligned_visits_store_every_row_once_inside_the_rows():
+  rng = np.random.default_rng(1)
+  for i in range(30):
+    e = int(rng.integers(1, 9))
+    tm = int(rng.choice([16, 32, 64]))
+    m = 8 * int(rng.integers(tm // 8, 50))          # a multiple of 8, at least tm
+    total = int(rng.integers(0, m + 1)) if i % 3 else m
+    gs = (rng.dirichlet(np.full(e, 0.3)) * total).astype(np.int32)
+    gs[int(rng.integers(e))] = 0                        # an empty group
+    meta = np.asarray(schedule.group_aligned_visits(jnp.asarray(gs), m, tm))
+    assert meta.shape == (schedule.max_visits(m, e, tm), 4)
+    ends = np.cumsum(gs)
+    bounds = np.stack([np.r_[0, ends[:-1]], ends], 1).tolist() + [[ends[-1], m]]
+    stored = np.zeros(m, np.int32)
+    for g, row0, lo, hi in meta:
+      if g > e:                                          # no-op visit
+        assert (lo, hi) == (0, 0)
+        continue
+      assert 0 <= row0 and row0 + tm <= m                # the tile reads inside x
+      assert row0 % 8 == 0                               # where TMA can start a copy
+      assert row0 <= lo < hi <= row0 + tm                 # stores inside its tile
+      assert bounds[g][0] <= lo and hi <= bounds[g][1]   # and only its group's rows
+      stored[lo:hi] += 1
+    np.testing.assert_array_equal(stored, 1)
+    visits = np.bincount(meta[:, 0], minlength=e + 2)[:e + 1]
+    np.testing.assert_array_equal(visits, [-(-(b - a // 8 * 8) // tm) if b > a else 0
+                                           for a, b in bounds])
+
+
+def test_tgmm_step_plan_covers_each_group_inside_the_padded_rows():
+  rng = np.random.default_rng(2)
+  for _ in range(30):
+    e = int(rng.integers(1, 9))
+    tr = int(rng.choice([16, 64]))
+    m = int(rng.integers(1, 400))
+    padded = -(-m // tr) * tr
+    gs = (rng.dirichlet(np.full(e, 0.3)) * rng.integers(0, m + 1)).astype(np.int32)
+    plan = np.asarray(tgmm_mosaic.step_plan(jnp.asarray(gs), m, padded, tr))
+    ends = np.cumsum(gs)
+    for g, (start, end, row0, steps) in enumerate(plan):
+      assert (start, end) == (ends[g] - gs[g], ends[g])
+      if gs[g] == 0:
+        assert steps == 0
+        continue
+      assert row0 <= start and end <= row0 + steps * tr <= padded   # covers, inside
+      assert row0 + tr > start and row0 + (steps - 1) * tr < end     # no idle steps
+      assert row0 % 8 == 0                                           # TMA-aligned
+      first = start // 8 * 8
+      if first + -(-(end - first) // tr) * tr <= padded:             # group-aligned
+        assert (row0, steps) == (first, -(-(end - first) // tr))
+    grid = np.asarray(tgmm_mosaic.step_plan(jnp.asarray(gs), m, padded, tr, False))
+    np.testing.assert_array_equal(grid[:, 2] % tr, 0)                  # on the tr grid
+    np.testing.assert_array_equal(grid[:, 3], np.where(
+        gs > 0, -(-ends // tr) - (ends - gs) // tr, 0))
+
+
 def test_schedule_has_no_loops():
   # A while loop here (jnp.searchsorted's default "scan" method) launches a small
   # kernel per step before every grouped matmul: 0.1 to 0.25 ms per call on an H100.
   jaxpr = jax.make_jaxpr(lambda g: schedule.make_schedule(g, 4096, 128).visit_meta)(
       jnp.ones((64,), jnp.int32))
   text = str(jaxpr)   # includes nested jaxprs
+  assert "while[" not in text and "scan[" not in text, text
+  text = str(jax.make_jaxpr(lambda g: schedule.group_aligned_visits(g, 4096, 128))(
+      jnp.ones((64,), jnp.int32)))
   assert "while[" not in text and "scan[" not in text, text
 
 

@@ -55,6 +55,9 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
     ("tiles128", 256, 128, 256, [100, 0, 130], Tiles(tm=128, tn=128, stages=2)),
     # six groups straddling tiles, odd sizes (many power-of-two store boxes); tail 5
     ("straddle", 130, 64, 128, [10, 20, 0, 30, 4, 61], T),
+    # the same on the tm grid (the schedule before group-aligned tiles)
+    ("straddle_grid", 130, 64, 128, [10, 20, 0, 30, 4, 61],
+     Tiles(tm=64, tn=64, stages=2, group_aligned=False)),
     # heavy groups (4 and 3 visits) around light ones (1 and 2 visits): the light
     # windows move between the heavy ones; tail 58 rows
     ("light_mixed", 448, 64, 256, [200, 10, 0, 150, 30],
@@ -277,7 +280,12 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     ("one_group", 256, 128, 128, [256], tgmm_mosaic.Tiles(tn=64, stages=2)),
     ("edges_mid_block", 130, 256, 256, [0, 100, 0], tgmm_mosaic.Tiles(tn=64, stages=3)),
     ("small_groups", 192, 128, 128, [10, 20, 5], tgmm_mosaic.Tiles(tn=64, stages=2)),
+    ("small_groups_grid", 192, 128, 128, [10, 60, 5],
+     tgmm_mosaic.Tiles(tn=64, stages=2, group_aligned=False)),
     ("no_rows", 64, 128, 128, [0, 0], tgmm_mosaic.Tiles(tn=64, stages=2)),
+    # group 1's step from its first row (70) would read past M = 128: it steps on
+    # the 64-row grid instead, masking rows 64..69 of group 0.
+    ("grid_fallback", 128, 128, 128, [70, 58], tgmm_mosaic.Tiles(tn=64, stages=2)),
     # 4 dw row blocks in windows of 2 sweeping 4 column blocks, snaking.
     ("windows", 150, 512, 512, [40, 60, 1, 30],
      tgmm_mosaic.Tiles(tn=64, stages=2, window=2, window_from=1)),
@@ -364,3 +372,37 @@ def test_overlapped_pipelines_match_reference(m, k, n, gs, transpose):
   else:
     y = gmm_mosaic.gmm(x, w, jnp.asarray(gs), tiles=tiles, interpret=True)
   _check_out(y, _ref_gmm(x, w, gs), gs, jnp.bfloat16)
+
+
+# --- lowering for CUDA ---------------------------------------------------------
+# The interpreter does not run Mosaic GPU's layout inference, which rejects, for
+# example, a TMA copy whose first row it cannot prove to be a multiple of 8. So
+# each kernel configuration is also lowered for CUDA here, on the CPU host (no GPU
+# needed), which runs Mosaic GPU's compilation of the kernel.
+LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
+    ("gmm", "gmm", 1000, 256, 256, 4, None, False),          # M % 8 != 0: padded
+    ("gmm_t", "gmm", 1024, 256, 512, 4, None, True),
+    ("gmm_grid", "gmm", 1024, 256, 256, 4, Tiles(group_aligned=False), False),
+    ("gmm_tn64_ring3", "gmm", 1024, 4096, 128, 8, Tiles(tn=64, stages=3), False),
+    ("gmm_tm64", "gmm", 200, 128, 256, 4, Tiles(tm=64), False),
+    ("tgmm", "tgmm", 1000, 256, 256, 4, None, False),
+    ("tgmm_grid", "tgmm", 1024, 256, 128, 4, tgmm_mosaic.Tiles(tn=64, group_aligned=False),
+     False),
+]
+
+
+@pytest.mark.parametrize("kernel, m, k, n, e, tiles, transposed",
+                         [c[1:] for c in LOWER_CASES], ids=[c[0] for c in LOWER_CASES])
+def test_kernels_lower_for_cuda(kernel, m, k, n, e, tiles, transposed):
+  bf16 = jnp.bfloat16
+  x = jax.ShapeDtypeStruct((m, k), bf16)
+  gs = jax.ShapeDtypeStruct((e,), jnp.int32)
+  if kernel == "tgmm":
+    fn = lambda a, b, g: tgmm_mosaic.tgmm(a, b, g, tiles=tiles, num_sms=132)
+    args = (x, jax.ShapeDtypeStruct((m, n), bf16), gs)
+  else:
+    fn = lambda a, b, g: gmm_mosaic.gmm(a, b, g, tiles=tiles, transpose_rhs=transposed,
+                                        num_sms=132)
+    args = (x, jax.ShapeDtypeStruct((e, n, k) if transposed else (e, k, n), bf16), gs)
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
