@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe = ml_collections.ConfigDict(dict(
       num_experts=8, d_expert=256, expert_kind="swiglu", activation="gelu",
       dispatch="dropless", capacity_factor_train=1.25, capacity_factor_eval=2.0,
-      num_shared_experts=0, d_shared=0, gmm_impl="auto"))
+      num_shared_experts=0, d_shared=0, gmm_impl="auto", fused_dispatch="off",
+      combine_weights_at="hidden"))
   c.model.moe.router = router_defaults()
   c.data = ml_collections.ConfigDict(dict(
       path="", max_bytes=4_000_000, heldout_permille=50, seq_len=128, batch_size=16))

@@ -2,8 +2,10 @@
 
 The layer is router -> dropless dispatch -> SwiGLU experts (three grouped
 matmuls) -> combine. The baseline, measured in the same run, is the same
-expert FLOPs as dense matmuls: three [T*k, d] x [d, f]-shaped products with
-their backward. ratio = baseline time / layer time (1.0 = as fast as dense).
+expert FLOPs as one dense SwiGLU MLP over T*k rows: three [T*k, d] x [d, f]-shaped
+products with their backward. ratio = baseline time / layer time (1.0 = as fast
+as dense). Both are timed as a training step uses them: output returned, and
+the gradients of <output, dy> for a random dy (see ``forward_backward``).
 
   python -m experiments.benchmark_moe_layer                   # GPU presets
   python -m experiments.benchmark_moe_layer --preset=smoke    # tiny, any backend
@@ -39,6 +41,9 @@ _TRACE_DIR = flags.DEFINE_string(
     "layer steps per shape and implementation here, and print the top GPU kernels.")
 _FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
                            "model.moe.fused_dispatch values to time (on: Pallas impls only).")
+_WEIGHTS_AT = flags.DEFINE_list(
+    "combine_weights_at", ["hidden"],
+    "model.moe.combine_weights_at values to time (unfused dispatch): hidden, output.")
 _ROUTER_PRECISION = flags.DEFINE_enum(
     "router_precision", "float32", list(ROUTER_LOGITS_PRECISIONS),
     "model.moe.router.logits_precision: the router logits matmul's precision.")
@@ -73,15 +78,35 @@ def median_seconds(fn, *args, iters: int) -> float:
   return statistics.median(times)
 
 
+def forward_backward(f):
+  """jit(params, x, dy) -> (f(params, x), gradients of <f, dy> for params and x).
+
+  What a training step needs of a layer: its output (for the layers after it) and
+  the gradients. The output is returned so XLA cannot drop the last forward
+  matmul, and dy is a random argument, not a constant, so XLA cannot fold the
+  backward's first gathers or products away (jax.grad of sum(f) allows both).
+  """
+  @jax.jit
+  def step(params, x, dy):
+    y, vjp = jax.vjp(f, params, x)
+    return y, vjp(dy)
+  return step
+
+
+def cotangent(shape, dtype):
+  return jax.random.normal(jax.random.key(7), shape, dtype)
+
+
 def router_config(shape: Shape) -> RouterConfig:
   return RouterConfig(name="topk", num_experts=shape.num_experts, top_k=shape.top_k,
                       logits_precision=_ROUTER_PRECISION.value)
 
 
-def layer_step(shape: Shape, impl: str, fused: str, dtype):
+def layer_step(shape: Shape, impl: str, fused: str, dtype, weights_at: str = "hidden"):
   """The jitted layer forward+backward and its arguments."""
   cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
-                  gmm_impl=impl, fused_dispatch=fused, router=router_config(shape))
+                  gmm_impl=impl, fused_dispatch=fused, combine_weights_at=weights_at,
+                  router=router_config(shape))
   layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
   key = jax.random.key(0)
   x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
@@ -89,26 +114,24 @@ def layer_step(shape: Shape, impl: str, fused: str, dtype):
   params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
                         is_leaf=lambda p: hasattr(p, "unbox"))
 
-  @jax.jit
-  def fwd_bwd(params, x):
-    def loss(params, x):
-      return jnp.sum(layer.apply({"params": params}, x).astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1))(params, x)
-
-  return fwd_bwd, (params, x)
+  step = forward_backward(lambda params, x: layer.apply({"params": params}, x))
+  return step, (params, x, cotangent(x.shape, dtype))
 
 
-def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int) -> float:
-  fn, args = layer_step(shape, impl, fused, dtype)
+def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int,
+               weights_at: str = "hidden") -> float:
+  fn, args = layer_step(shape, impl, fused, dtype, weights_at)
   return median_seconds(fn, *args, iters=iters)
 
 
-def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str) -> None:
+def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str,
+                weights_at: str = "hidden") -> None:
   """Records a profiler trace of three layer steps and prints its top device kernels."""
   from experiments import trace_summary  # pylint: disable=g-import-not-at-top
-  fn, args = layer_step(shape, impl, fused, dtype)
+  fn, args = layer_step(shape, impl, fused, dtype, weights_at)
   jax.block_until_ready(fn(*args))
-  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}-router_{_ROUTER_PRECISION.value}")
+  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}-weights_{weights_at}-"
+                         f"router_{_ROUTER_PRECISION.value}")
   with jax.profiler.trace(run_dir, create_perfetto_trace=True):
     for _ in range(3):
       jax.block_until_ready(fn(*args))
@@ -138,13 +161,8 @@ def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
                         jax.jit(experts.init)(key, buffer, sizes)["params"],
                         is_leaf=lambda p: hasattr(p, "unbox"))
 
-  @jax.jit
-  def fwd_bwd(params, buffer):
-    def loss(params, buffer):
-      return jnp.sum(experts.apply({"params": params}, buffer, sizes).astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1))(params, buffer)
-
-  return median_seconds(fwd_bwd, params, buffer, iters=iters)
+  step = forward_backward(lambda params, buffer: experts.apply({"params": params}, buffer, sizes))
+  return median_seconds(step, params, buffer, cotangent(buffer.shape, dtype), iters=iters)
 
 
 def dense_time(shape: Shape, dtype, iters: int) -> float:
@@ -154,21 +172,19 @@ def dense_time(shape: Shape, dtype, iters: int) -> float:
   w_gate, w_up = (jax.random.normal(k, (shape.d_model, shape.d_expert), dtype) for k in key[1:3])
   w_down = jax.random.normal(key[3], (shape.d_expert, shape.d_model), dtype)
 
-  @jax.jit
-  def fwd_bwd(ws, x):
-    def loss(ws, x):
-      g, u, d = ws
-      return jnp.sum(((x @ g) * (x @ u) @ d).astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1))(ws, x)
+  def swiglu(ws, x):
+    g, u, d = ws
+    return (jax.nn.silu(x @ g) * (x @ u)) @ d
 
-  return median_seconds(fwd_bwd, (w_gate, w_up, w_down), x, iters=iters)
+  step = forward_backward(swiglu)
+  return median_seconds(step, (w_gate, w_up, w_down), x, cotangent(x.shape, dtype), iters=iters)
 
 
 def print_row(name, what, seconds, flops, base):
   if seconds is None:
-    print(f"{name:<14} {what:<34} {'failed (out of memory or unsupported)':>26}", flush=True)
+    print(f"{name:<14} {what:<44} {'failed (out of memory or unsupported)':>26}", flush=True)
   else:
-    print(f"{name:<14} {what:<34} {seconds * 1e3:9.3f} {flops / seconds / 1e12:8.1f} "
+    print(f"{name:<14} {what:<44} {seconds * 1e3:9.3f} {flops / seconds / 1e12:8.1f} "
           f"{base / seconds:6.2f}", flush=True)
 
 
@@ -177,7 +193,7 @@ def main(argv):
   dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; dtype {dtype.__name__}; "
         f"router logits precision {_ROUTER_PRECISION.value}")
-  print(f"{'shape':<14} {'what':<34} {'ms':>9} {'TF/s':>8} {'ratio':>6}", flush=True)
+  print(f"{'shape':<14} {'what':<44} {'ms':>9} {'TF/s':>8} {'ratio':>6}", flush=True)
   for shape in PRESETS[_PRESET.value]:
     if _ONLY.value and shape.name not in _ONLY.value:
       continue
@@ -187,18 +203,21 @@ def main(argv):
     for impl in _IMPLS.value:
       probe = jnp.zeros((1, shape.d_model), dtype)
       resolved = resolve_impl(impl, probe, jnp.zeros((1, shape.d_model, 1), dtype)).name
-      for fused in _FUSED.value:
+      variants = [(fused, weights_at) for fused in _FUSED.value
+                  for weights_at in (_WEIGHTS_AT.value if fused != "on" else ["hidden"])]
+      for fused, weights_at in variants:
         if fused == "on" and resolved not in FUSED_IMPLS:
           continue
         try:
-          seconds = layer_time(shape, impl, fused, dtype, _ITERS.value)
+          seconds = layer_time(shape, impl, fused, dtype, _ITERS.value, weights_at)
         except jax.errors.JaxRuntimeError as e:  # e.g. ragged_dot's dense backward OOMs
           print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
           seconds = None
         label = resolved + (", fused dispatch" if fused == "on" else "")
+        label += ", weights at output" if weights_at == "output" and fused != "on" else ""
         print_row(shape.name, f"moe layer [{label}]", seconds, flops, base)
         if _TRACE_DIR.value and seconds is not None:
-          trace_layer(shape, impl, fused, dtype, _TRACE_DIR.value)
+          trace_layer(shape, impl, fused, dtype, _TRACE_DIR.value, weights_at)
       if _BREAKDOWN.value:
         try:
           seconds = experts_only_time(shape, impl, dtype, _ITERS.value)

@@ -165,16 +165,44 @@ def _collect_bwd(buffer_slot_index, d_slots):
 _collect_slots.defvjp(_collect_fwd, _collect_bwd)
 
 
+@jax.custom_vjp
+def _slot_values_to_rows(values, buffer_slot_index, combine_index):
+  return _take_rows(values.reshape(-1), buffer_slot_index)
+
+
+def _slot_values_fwd(values, buffer_slot_index, combine_index):
+  return _take_rows(values.reshape(-1), buffer_slot_index), combine_index
+
+
+def _slot_values_bwd(combine_index, d_rows):
+  # Rows and kept slots pair up one to one: a slot's gradient is its row's.
+  return _take_rows(d_rows, combine_index.reshape(-1)).reshape(combine_index.shape), None, None
+
+
+_slot_values_to_rows.defvjp(_slot_values_fwd, _slot_values_bwd)
+
+
+def row_values(values: jax.Array, plan: DispatchPlan) -> jax.Array:
+  """Per-slot values [T, K] -> per-row [R] (0 on padding rows); gathers both ways."""
+  return _slot_values_to_rows(values, plan.buffer_slot_index, plan.combine_index)
+
+
 def dispatch(x: jax.Array, plan: DispatchPlan) -> jax.Array:
   """[T, d] tokens -> [R, d] expert-grouped buffer."""
   return _dispatch_rows(x, plan.buffer_token_index, plan.combine_index)
 
 
-def combine(y_buffer: jax.Array, plan: DispatchPlan, weights: jax.Array) -> jax.Array:
-  """[R, d] expert outputs -> [T, d]: sum over slots of weight * row (gather + reshape-sum)."""
+def combine(y_buffer: jax.Array, plan: DispatchPlan,
+            weights: jax.Array | None) -> jax.Array:
+  """[R, d] expert outputs -> [T, d]: sum over slots of weight * row (gather + reshape-sum).
+
+  ``weights=None``: the rows are already weighted (see ``row_values``); a plain sum.
+  """
   num_tokens, k = plan.combine_index.shape
   slots = _collect_slots(y_buffer, plan.combine_index, plan.buffer_slot_index)
   slots = slots.reshape(num_tokens, k, -1)
+  if weights is None:
+    return jnp.sum(slots, axis=1, dtype=jnp.float32).astype(y_buffer.dtype)
   # Multiply-and-reduce (one fused pass over the slots), not a batched dot, which
   # would materialise float32 copies of [T, K, d] forward and backward.
   weighted = slots.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]

@@ -74,6 +74,10 @@ def bad(path, value):
     ("model.moe.expert_kind", "moe", r"model\.moe\.expert_kind='moe'; allowed: \['mlp', 'swiglu'\]"),
     ("model.moe.router.logits_precision", "fp8",
      r"model\.moe\.router\.logits_precision='fp8'; allowed: \['float32', 'bfloat16'\]"),
+    ("model.moe.fused_dispatch", "yes",
+     r"model\.moe\.fused_dispatch='yes'; allowed: \['off', 'auto', 'on'\]"),
+    ("model.moe.combine_weights_at", "input",
+     r"model\.moe\.combine_weights_at='input'; allowed: \['hidden', 'output'\]"),
 ])
 def test_bad_fields_are_named(path, value, pattern):
   with pytest.raises(ConfigError, match=pattern):

@@ -48,11 +48,16 @@ def loop_reference(x, w, routing, capacity=None):
   return y, dropped
 
 
-def moe_apply(x, w, routing, mode, capacity_factor=1.0):
+def moe_apply(x, w, routing, mode, capacity_factor=1.0, weights_at="output"):
+  """weights_at="rows": weight the buffer rows (row_values) before the (linear)
+  expert and combine with a plain sum, as the layer's combine_weights_at="hidden"."""
   plan = dispatch_lib.make_plan(routing, mode, capacity_factor)
   buffer = dispatch_lib.dispatch(x, plan)
+  if weights_at == "rows":
+    buffer = buffer * dispatch_lib.row_values(routing.combine_weight, plan)[:, None]
   out = grouped_matmul(buffer, w, plan.group_sizes, impl="reference")
-  return dispatch_lib.combine(out, plan, routing.combine_weight), plan
+  weights = None if weights_at == "rows" else routing.combine_weight
+  return dispatch_lib.combine(out, plan, weights), plan
 
 
 @pytest.mark.parametrize("num_tokens,k,num_experts", [(13, 3, 5), (1, 1, 1), (32, 2, 8), (7, 4, 4)])
@@ -117,8 +122,9 @@ def test_bounded_assignments_expert_choice_layout():
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights_at", ["output", "rows"])
 @pytest.mark.parametrize("mode", ["dropless", "capacity"])
-def test_gradients_match_loop(mode):
+def test_gradients_match_loop(mode, weights_at):
   rng = np.random.default_rng(5)
   num_tokens, k, num_experts = 9, 2, 3
   routing = random_routing(rng, num_tokens, k, num_experts, valid_prob=0.85)
@@ -130,7 +136,7 @@ def test_gradients_match_loop(mode):
 
   def ours(x, w, weights):
     r = routing.replace(combine_weight=weights)
-    return jnp.sum(moe_apply(x, w, r, mode, capacity_factor)[0] * cot)
+    return jnp.sum(moe_apply(x, w, r, mode, capacity_factor, weights_at)[0] * cot)
 
   def reference(x, w, weights):
     index, mask = np.asarray(routing.expert_index), np.asarray(routing.mask)
@@ -164,16 +170,36 @@ def test_float_scatter_detector_sees_scatter_add():
   assert float_scatters(fn, jnp.ones((6, 8)), jnp.zeros(6, jnp.int32)) == ["f32"]
 
 
-def test_no_scatter_add_of_activations_in_forward_or_backward():
+@pytest.mark.parametrize("weights_at", ["output", "rows"])
+def test_no_scatter_add_of_activations_in_forward_or_backward(weights_at):
   rng = np.random.default_rng(0)
   routing = random_routing(rng, 16, 2, 4)
   x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(4, 8, 8)), jnp.float32)
 
-  def loss(x, w):
-    return jnp.sum(moe_apply(x, w, routing, "dropless")[0] ** 2)
+  def loss(x, w, weights):
+    r = routing.replace(combine_weight=weights)
+    return jnp.sum(moe_apply(x, w, r, "dropless", weights_at=weights_at)[0] ** 2)
 
-  assert float_scatters(jax.grad(loss, argnums=(0, 1)), x, w) == []
+  grads = jax.grad(loss, argnums=(0, 1, 2))
+  assert float_scatters(grads, x, w, routing.combine_weight) == []
+
+
+def test_row_values_follow_rows_and_zero_padding():
+  rng = np.random.default_rng(3)
+  routing = random_routing(rng, 10, 2, 3, valid_prob=0.7)
+  plan = dispatch_lib.make_plan(routing, "capacity", 0.6)    # drops and padding rows
+  values = jnp.asarray(rng.normal(size=(10, 2)), jnp.float32)
+  rows = np.asarray(dispatch_lib.row_values(values, plan))
+  slot = np.asarray(plan.buffer_slot_index)
+  flat = np.asarray(values).reshape(-1)
+  np.testing.assert_array_equal(rows, np.where(slot < flat.size, flat[np.minimum(slot, 19)], 0))
+  cot = jnp.asarray(rng.normal(size=rows.shape), jnp.float32)
+  grad = np.asarray(jax.grad(lambda v: jnp.sum(dispatch_lib.row_values(v, plan) * cot))(values))
+  expected = np.zeros(20)
+  kept = slot < 20
+  expected[slot[kept]] = np.asarray(cot)[kept]             # dropped slots: zero gradient
+  np.testing.assert_array_equal(grad.reshape(-1), expected)
 
 
 def test_unknown_mode_names_field():

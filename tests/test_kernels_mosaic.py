@@ -71,6 +71,16 @@ IDS = [c[0] for c in CASES]
 CASES = [c[1:] for c in CASES]
 
 
+def _value_and_vjp(f, x, w, dy):
+  """(f(x, w), dx, dw) for cotangent dy, under jit: from jax 0.11 the interpreter runs
+  each warpgroup as its own CPU computation, and eager ops queued behind it can
+  hold the slots those need (a deadlock seen on a 2-core machine)."""
+  def run(x, w, dy):
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(dy))
+  return jax.jit(run)(x, w, dy)
+
+
 def _check_out(y, ref, gs, dtype):
   y = np.asarray(y, np.float64)
   assert y.shape == ref.shape
@@ -155,8 +165,7 @@ def test_gmm_gradients(m, k, n, gs, dtype, products, mosaic_calls):
   gs = np.asarray(gs, np.int32)
   x, w, dy = _inputs(rng, m, k, n, len(gs), dtype)
   f = lambda a, b: gmm_lib.gmm(a, b, jnp.asarray(gs), backend="mosaic", interpret=True)
-  y, vjp = jax.vjp(f, x, w)
-  dx, dw = vjp(dy)
+  y, dx, dw = _value_and_vjp(f, x, w, dy)
   assert mosaic_calls == products
   _check_out(y, _ref_gmm(x, w, gs), gs, dtype)
   # dx = dy @ w^T per group, zero past the groups; dw = per-group x^T dy, zero if empty.
@@ -224,8 +233,7 @@ def test_float32_falls_back_to_triton(mosaic_calls):
   gs = np.array([50, 0, 40], np.int32)  # tail of 10 rows
   x, w, dy = _inputs(rng, 100, 128, 128, 3, jnp.float32)
   f = lambda a, b: gmm_lib.gmm(a, b, jnp.asarray(gs), backend="mosaic", interpret=True)
-  y, vjp = jax.vjp(f, x, w)
-  dx, dw = vjp(dy)
+  y, dx, dw = _value_and_vjp(f, x, w, dy)
   assert not mosaic_calls, "float32 must not reach gmm_mosaic"
   _check_out(y, _ref_gmm(x, w, gs), gs, jnp.float32)
   _check_out(dx, _ref_gmm(dy, np.swapaxes(np.asarray(w, np.float64), 1, 2), gs), gs,
@@ -334,9 +342,8 @@ def test_gradients_on_any_jax_route_what_the_interpreter_can_run(mosaic_calls):
   rng = np.random.default_rng(11)
   gs = np.array([40, 0, 60, 28], np.int32)
   x, w, dy = _inputs(rng, 128, 128, 128, 4, jnp.bfloat16)
-  y, vjp = jax.vjp(lambda a, b: gmm_lib.gmm(a, b, jnp.asarray(gs), backend="mosaic",
-                                            interpret=True), x, w)
-  dx, dw = vjp(dy)
+  f = lambda a, b: gmm_lib.gmm(a, b, jnp.asarray(gs), backend="mosaic", interpret=True)
+  y, dx, dw = _value_and_vjp(f, x, w, dy)
   _check_out(y, _ref_gmm(x, w, gs), gs, jnp.bfloat16)
   _check_out(dx, _ref_gmm(dy, np.swapaxes(np.asarray(w, np.float64), 1, 2), gs), gs,
              jnp.bfloat16)

@@ -135,6 +135,32 @@ def test_layer_matches_loop_over_experts(router, dispatch):
   assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=1)
 
 
+@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "dense_to_sparse"])
+def test_combine_weights_at_output_matches_loop(router, dispatch, kind):
+  # The default weights the expert's hidden rows; "output" weights its outputs in
+  # the combine. Both equal the loop (which weights outputs) and each other.
+  cfg = make_cfg(router, dispatch, capacity_factor=0.75, kind=kind)
+  out_cfg = dataclasses.replace(cfg, combine_weights_at="output")
+  assert cfg.combine_weights_at == "hidden"
+  layer, variables, x, ids = setup(cfg, seed=3)
+  layers = {"hidden": layer, "output": MoeLayer(out_cfg)}
+  ref = lambda p: reference_layer({**variables, "params": p}, cfg, x, ids)
+  for name, lay in layers.items():
+    ours = lambda p, lay=lay: lay.apply({**variables, "params": p}, x, ids, step=3)
+    np.testing.assert_allclose(np.asarray(ours(variables["params"])),
+                               np.asarray(ref(variables["params"])), rtol=2e-5, atol=2e-5,
+                               err_msg=name)
+    assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=2)
+
+
+def test_unknown_combine_weights_at_is_named():
+  cfg = dataclasses.replace(make_cfg("topk", "dropless"), combine_weights_at="input")
+  with pytest.raises(ValueError, match=r"combine_weights_at='input'; allowed: \['hidden', 'output'\]"):
+    setup(cfg)
+
+
 def test_input_gradient_matches_loop():
   cfg = make_cfg("topk", "dropless")
   layer, variables, x, ids = setup(cfg)

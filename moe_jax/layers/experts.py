@@ -88,10 +88,14 @@ class Experts(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, group_sizes: jax.Array,
-               fused: FusedRows | None = None) -> jax.Array:
+               fused: FusedRows | None = None,
+               row_weight: jax.Array | None = None) -> jax.Array:
     """x: the expert-grouped buffer [R, d]; or, with ``fused``, the tokens [T, d],
     in which case rows are gathered inside the kernels and the result is the
-    combined [T, d] output."""
+    combined [T, d] output. ``row_weight`` [R] (float32), if given, scales each
+    row's hidden activations before the output projection: since that projection
+    is linear (no bias), the output rows come out weighted, in the same pass that
+    makes the activations."""
     if self.kind not in EXPERT_KINDS:
       raise ValueError(f"model.moe.expert_kind={self.kind!r}; allowed: {sorted(EXPERT_KINDS)}")
     d_model = x.shape[-1]
@@ -123,16 +127,21 @@ class Experts(nn.Module):
         return jnp.sum(slots.reshape(-1, k, slots.shape[-1]), axis=1,
                        dtype=jnp.float32).astype(hidden.dtype)
 
+    def weighted(hidden):
+      if row_weight is None:
+        return hidden
+      return (hidden.astype(jnp.float32) * row_weight[:, None]).astype(hidden.dtype)
+
     x = x.astype(self.dtype)
     in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
     if EXPERT_KINDS[self.kind].gated:
       w_gate_up = stack("w_gate_up", (e, d_model, f, 2), (*in_axes, None), out_axis=(2, 3))
       gate_up = first(x, w_gate_up.reshape(e, d_model, 2 * f)).reshape(-1, f, 2)
       hidden = jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1]
-      return last(hidden, stack("w_down", (e, f, d_model), out_axes))
+      return last(weighted(hidden), stack("w_down", (e, f, d_model), out_axes))
     act = activation_by_name(self.activation, "model.moe.activation")
     hidden = act(first(x, stack("w_in", (e, d_model, f), in_axes)))
-    return last(hidden, stack("w_out", (e, f, d_model), out_axes))
+    return last(weighted(hidden), stack("w_out", (e, f, d_model), out_axes))
 
 
 class DenseMlp(nn.Module):

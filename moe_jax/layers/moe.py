@@ -24,6 +24,13 @@ from moe_jax.routing import (Routing, RouterConfig, RouterInputs, expert_load_fr
 
 
 FUSED_MODES = ("off", "auto", "on")
+# Where the combine weights multiply (unfused dispatch): "hidden" scales each row's
+# expert activations before the expert's (linear, bias-free) output projection,
+# inside the pass that makes them, so the combine is a plain sum and the weights'
+# gradient a reduction over the hidden width; "output" scales the expert outputs
+# in the combine (a float32 multiply over [T, K, d], and its own gradient pass
+# over [T, K, d]). Equal up to rounding.
+COMBINE_WEIGHTS_AT = ("hidden", "output")
 
 
 # On GPUs with bfloat16 tensor cores (compute capability 8.0+): float32 products from
@@ -87,6 +94,9 @@ class MoeConfig:
   # dispatch and combine. Needs dropless dispatch with R = T*K rows and a Pallas
   # grouped_matmul; "auto" uses it where it applies, "on" raises where it does not.
   fused_dispatch: str = "off"
+  # hidden | output (see COMBINE_WEIGHTS_AT); unfused dispatch only: the fused
+  # kernels weight the rows in their own epilogue.
+  combine_weights_at: str = "hidden"
   router: RouterConfig = RouterConfig()
 
 
@@ -200,9 +210,18 @@ class MoeLayer(nn.Module):
                        slots_per_token=k)
       y = experts(x_tokens.astype(self.dtype), plan.group_sizes, fused=rows)
     else:
+      if cfg.combine_weights_at not in COMBINE_WEIGHTS_AT:
+        raise ValueError(f"model.moe.combine_weights_at={cfg.combine_weights_at!r}; "
+                         f"allowed: {list(COMBINE_WEIGHTS_AT)}")
       buffer = dispatch_lib.dispatch(x_tokens.astype(self.dtype), plan)
       buffer = nn.with_logical_constraint(buffer, ("activation_exp_rows", "activation_embed"))
-      y = dispatch_lib.combine(experts(buffer, plan.group_sizes), plan, routing.combine_weight)
+      if cfg.combine_weights_at == "hidden":
+        row_weight = dispatch_lib.row_values(routing.combine_weight.astype(jnp.float32), plan)
+        y = dispatch_lib.combine(experts(buffer, plan.group_sizes, row_weight=row_weight),
+                                 plan, None)
+      else:
+        y = dispatch_lib.combine(experts(buffer, plan.group_sizes), plan,
+                                 routing.combine_weight)
     if cfg.num_shared_experts > 0:
       d_shared = (cfg.d_shared or cfg.d_expert) * cfg.num_shared_experts
       y = y + DenseMlp(d_shared, kind=cfg.expert_kind, activation=cfg.activation,
