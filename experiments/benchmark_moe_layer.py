@@ -165,7 +165,8 @@ def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
   return median_seconds(step, params, buffer, cotangent(buffer.shape, dtype), iters=iters)
 
 
-def dense_time(shape: Shape, dtype, iters: int) -> float:
+def dense_step(shape: Shape, dtype):
+  """The dense-equivalent SwiGLU MLP's jitted forward+backward and its arguments."""
   rows = shape.tokens * shape.top_k
   key = jax.random.split(jax.random.key(1), 4)
   x = jax.random.normal(key[0], (rows, shape.d_model), dtype)
@@ -176,8 +177,12 @@ def dense_time(shape: Shape, dtype, iters: int) -> float:
     g, u, d = ws
     return (jax.nn.silu(x @ g) * (x @ u)) @ d
 
-  step = forward_backward(swiglu)
-  return median_seconds(step, (w_gate, w_up, w_down), x, cotangent(x.shape, dtype), iters=iters)
+  return forward_backward(swiglu), ((w_gate, w_up, w_down), x, cotangent(x.shape, dtype))
+
+
+def dense_time(shape: Shape, dtype, iters: int) -> float:
+  step, args = dense_step(shape, dtype)
+  return median_seconds(step, *args, iters=iters)
 
 
 def print_row(name, what, seconds, flops, base):

@@ -1,7 +1,11 @@
 """Benchmark programs stay runnable (tiny shapes on CPU; no timing is asserted)."""
 import os
+import re
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +24,23 @@ def test_moe_layer_benchmark_smoke():
   assert any("moe layer [reference]" in l for l in lines)
   assert any("moe layer [pallas_triton_interpret, fused dispatch]" in l for l in lines)
   assert any("experts only [ragged_dot]" in l for l in lines)
+
+
+def _compiled_dots(fn, *args):
+  return len(re.findall(r"\bdot\(", jax.jit(fn).lower(*args).compile().as_text()))
+
+
+def test_dense_baseline_runs_all_nine_products():
+  # Timing jax.grad(sum(mlp)) let XLA drop the last forward matmul, whose output
+  # only the discarded loss needed: the baseline then did 8 of its 9 products.
+  from experiments import benchmark_moe_layer as bench  # pylint: disable=g-import-not-at-top
+  shape = bench.PRESETS["smoke"][0]
+  step, args = bench.dense_step(shape, jnp.float32)
+  assert _compiled_dots(step, *args) == 9
+  ws, x, _ = args
+  old_style = jax.grad(lambda ws, x: jnp.sum((jax.nn.silu(x @ ws[0]) * (x @ ws[1])) @ ws[2]),
+                       argnums=(0, 1))
+  assert _compiled_dots(old_style, ws, x) == 8   # control: the counter sees the drop
 
 
 def test_moe_layer_trace_summary(tmp_path):
