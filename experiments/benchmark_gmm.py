@@ -177,8 +177,9 @@ def impl_fn(name):
                                         interpret=_INTERPRET.value)
   if name == "pallas_triton":
     return lambda x, w, gs: gmm_lib.gmm(x, w, gs, interpret=_INTERPRET.value)
-  if name == "pallas_mosaic":
-    return lambda x, w, gs: gmm_lib.gmm(x, w, gs, backend="mosaic", interpret=_INTERPRET.value)
+  if name in ("pallas_mosaic", "pallas_mosaic_bf16x3"):
+    backend = name.removeprefix("pallas_")
+    return lambda x, w, gs: gmm_lib.gmm(x, w, gs, backend=backend, interpret=_INTERPRET.value)
   if name.startswith("pallas_mosaic@"):
     return mosaic_variant(name)
   if name == "ragged_dot":
@@ -220,7 +221,8 @@ def tgmm_fn(name):
   """The weight-gradient kernel alone (mode "tgmm"); same FLOPs as the forward."""
   if name.startswith("tgmm_mosaic@"):
     return tgmm_variant(name)
-  backend = {"pallas_triton": "triton", "pallas_mosaic": "mosaic"}.get(name)
+  backend = {"pallas_triton": "triton", "pallas_mosaic": "mosaic",
+             "pallas_mosaic_bf16x3": "mosaic_bf16x3"}.get(name)
   if backend is None:
     return None
   return lambda x, dy, gs: gmm_lib.tgmm_call(x, dy, gs, x.dtype, num_rows=x.shape[0],

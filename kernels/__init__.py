@@ -10,6 +10,10 @@ Importing this package registers grouped-matmul implementations with
   the Triton kernels.
 - ``pallas_mosaic_interpret``: the same through the Mosaic GPU and Triton
   interpreters (CPU tests).
+- ``pallas_mosaic_bf16x3`` (and ``..._interpret``): ``pallas_mosaic`` that also runs
+  float32 on the Mosaic kernels, as three bfloat16 products of split operands
+  (near-float32 accuracy on tensor cores; ``pallas_mosaic`` sends float32 to the
+  Triton kernels' exact float32 dots). Opt-in, never chosen by ``auto``.
 - ``pallas_triton``: Pallas (Triton backend) gmm/tgmm with a custom VJP; GPU only,
   ``impl="auto"``'s choice on GPUs older than Hopper.
 - ``pallas_triton_interpret``: the same kernels through the Pallas interpreter;
@@ -98,6 +102,15 @@ def _register():
   op.register_impl(op.GmmImpl(
       "pallas_mosaic_interpret",
       lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, backend="mosaic", interpret=True),
+      _interpret_reason))
+  op.register_impl(op.GmmImpl(
+      "pallas_mosaic_bf16x3",
+      lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, backend="mosaic_bf16x3"),
+      _mosaic_reason))
+  op.register_impl(op.GmmImpl(
+      "pallas_mosaic_bf16x3_interpret",
+      lambda x, w, gs, dt: _gmm_lib.gmm(x, w, gs, dt, backend="mosaic_bf16x3",
+                                        interpret=True),
       _interpret_reason))
   op.register_impl(op.GmmImpl(
       "pallas_triton_interpret",

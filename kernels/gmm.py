@@ -7,6 +7,11 @@ transposed inside the kernel, no copy of w) and ``dw = tgmm(x, dy)``.
 (``gmm_triton``, any dtype) or ``"mosaic"`` (``gmm_mosaic``, Hopper, 16-bit
 floats, K and N tile multiples; a product it cannot take goes to the Triton
 kernel). The weight gradient follows the same rule with ``tgmm_mosaic``.
+``"mosaic_bf16x3"`` is ``"mosaic"`` that also takes float32: each float32
+operand is split into two bfloat16 pieces, a = hi + lo, and the product is
+hi.hi + hi.lo + lo.hi with float32 accumulation on the bfloat16 tensor cores
+(the lo.lo term, about 2^-18 of the product, is dropped): near-float32 accuracy
+instead of the Triton kernels' exact float32 dots on CUDA cores.
 """
 from __future__ import annotations
 
@@ -21,16 +26,57 @@ from moe_kernels import gmm_triton
 from moe_kernels import tgmm_mosaic
 from moe_kernels import tuning
 
-BACKENDS = ("triton", "mosaic")
+BACKENDS = ("triton", "mosaic", "mosaic_bf16x3")
+
+
+def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float32 a -> bfloat16 (hi, lo) with hi = a rounded to bfloat16, lo = a - hi rounded.
+
+  hi is rounded on the bits (round to nearest even), not by converting to
+  bfloat16 and back: XLA on the GPU may drop a float32 -> bfloat16 -> float32
+  round trip, which would make lo zero (docs/benchmarks.md, fourth session).
+  """
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return hi.astype(jnp.bfloat16), (a - hi).astype(jnp.bfloat16)
+
+
+def _bf16x3_fwd(x, w, group_sizes, out_dtype, *, transpose_rhs, interpret):
+  # One kernel over a 3x longer contraction: [xh | xh | xl] . [wh ; wl ; wh].
+  xh, xl = split_bf16(x)
+  wh, wl = split_bf16(w)
+  contraction = 2 if transpose_rhs else 1
+  x3 = jnp.concatenate([xh, xh, xl], axis=1)
+  w3 = jnp.concatenate([wh, wl, wh], axis=contraction)
+  return gmm_mosaic.gmm(x3, w3, group_sizes, out_dtype=out_dtype,
+                        transpose_rhs=transpose_rhs, interpret=interpret)
+
+
+def _bf16x3_tgmm(x, dy, group_sizes, out_dtype, *, interpret):
+  xh, xl = split_bf16(x)
+  dh, dl = split_bf16(dy)
+  parts = [tgmm_mosaic.tgmm(a, b, group_sizes, out_dtype=jnp.float32, interpret=interpret)
+           for a, b in ((xh, dh), (xh, dl), (xl, dh))]
+  return (parts[0] + parts[1] + parts[2]).astype(out_dtype)
+
+
+def _bf16x3_applies(backend, dtype) -> bool:
+  return backend == "mosaic_bf16x3" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
 
 
 def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=False,
              config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
   """One gmm product with the tuned tiles for this shape (``fused``: index/scale options)."""
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  if backend == "mosaic" and not fused and config is None and gmm_mosaic.takes(
-      x.shape[0], x.shape[1], n, w.shape[0], x.dtype, transpose_rhs=transpose_rhs,
+  bf16x3 = _bf16x3_applies(backend, x.dtype)
+  kernel_dtype = jnp.bfloat16 if bf16x3 else x.dtype
+  if backend != "triton" and not fused and config is None and gmm_mosaic.takes(
+      x.shape[0], x.shape[1], n, w.shape[0], kernel_dtype, transpose_rhs=transpose_rhs,
       interpret=interpret):
+    if bf16x3:
+      return _bf16x3_fwd(x, w, group_sizes, out_dtype, transpose_rhs=transpose_rhs,
+                         interpret=interpret)
     return gmm_mosaic.gmm(x, w, group_sizes, out_dtype=out_dtype,
                           transpose_rhs=transpose_rhs, interpret=interpret)
   m = fused["lhs_index"].shape[0] if fused.get("lhs_index") is not None else x.shape[0]
@@ -43,8 +89,12 @@ def fwd_call(x, w, group_sizes, out_dtype, *, transpose_rhs=False, interpret=Fal
 
 def tgmm_call(x, dy, group_sizes, out_dtype, *, num_rows, interpret=False,
               config: Optional[tuning.Config] = None, backend: str = "triton", **fused):
-  if (backend == "mosaic" and not fused and config is None and num_rows == x.shape[0]
-      and tgmm_mosaic.takes(x.shape[1], dy.shape[1], x.dtype, interpret=interpret)):
+  bf16x3 = _bf16x3_applies(backend, x.dtype)
+  if (backend != "triton" and not fused and config is None and num_rows == x.shape[0]
+      and tgmm_mosaic.takes(x.shape[1], dy.shape[1], jnp.bfloat16 if bf16x3 else x.dtype,
+                            interpret=interpret)):
+    if bf16x3:
+      return _bf16x3_tgmm(x, dy, group_sizes, out_dtype, interpret=interpret)
     return tgmm_mosaic.tgmm(x, dy, group_sizes, out_dtype=out_dtype, interpret=interpret)
   cfg = config or tuning.lookup("tgmm", num_rows, x.shape[1], dy.shape[1],
                                 group_sizes.shape[0], x.dtype)

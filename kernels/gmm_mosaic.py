@@ -84,14 +84,34 @@ class Tiles:
   group_aligned: bool = True
 
 
-def default_tiles(m: int, k: int, n: int, num_groups: int) -> Tiles:
+# Shared memory a CTA may use on Hopper (227 KB), less room for the barriers.
+SMEM_BUDGET = 227 * 1024 - 1024
+
+
+def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
+  """Shared memory of one CTA: the operand ring and the two epilogue buffers."""
+  ring = t.stages * (t.tm * t.tk + t.tk * 2 * t.tn) * itemsize
+  return ring + 2 * t.tm * t.epi_n * out_itemsize
+
+
+def fit_stages(t: Tiles, smem_fn) -> Tiles:
+  """``t`` with its ring made shallower until ``smem_fn(t)`` fits the budget."""
+  while t.stages > 2 and smem_fn(t) > SMEM_BUDGET:
+    t = dataclasses.replace(t, stages=t.stages - 1)
+  return t
+
+
+def default_tiles(m: int, k: int, n: int, num_groups: int, out_dtype=jnp.bfloat16) -> Tiles:
   tn = 128 if n % 256 == 0 else 64
   tm = 128 if m >= 128 * num_groups else 64  # few rows per group: halve the waste
   # A 3-deep ring measured faster for long contractions on skewed groups (dsv3,
   # K=7168: 0.68 -> 0.83 of dense) and level elsewhere at K >= 4096; shorter
-  # contractions and tn=64 keep 4 (docs/benchmarks.md, third session).
+  # contractions and tn=64 keep 4 (docs/benchmarks.md, third session). A float32
+  # output doubles the epilogue buffers: 4 stages at tn=128 no longer fit.
   stages = 3 if k >= 4096 and tn == 128 else 4
-  return Tiles(tm=tm, tn=tn, stages=stages)
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  return fit_stages(Tiles(tm=tm, tn=tn, stages=stages),
+                    lambda t: smem_bytes(t, out_itemsize=out_itemsize))
 
 
 def dtype_reason(dtype, what: str) -> Optional[str]:
@@ -313,12 +333,12 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     raise ValueError(f"x has {k} columns but w contracts over {kw}")
   if x.dtype != w.dtype:
     raise ValueError(f"gmm wants x and w of one dtype; got {x.dtype} and {w.dtype}")
-  t = tiles or default_tiles(m, k, n, num_groups)
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  t = tiles or default_tiles(m, k, n, num_groups, out_dtype)
   reason = unsupported_reason(k, n, x.dtype, t)
   if reason:
     raise ValueError(f"moe_kernels.gmm_mosaic: {reason}")
   check_interpretable(interpret, transpose_rhs, "gmm_mosaic.gmm(transpose_rhs=True)")
-  out_dtype = jnp.dtype(out_dtype or x.dtype)
   # Tiles never read past row M (the schedule moves a tile that would back), but
   # start on multiples of 8 rows (TMA_ROW_ALIGN), so M is padded to a multiple of 8
   # and to at least one tile; the spare rows are never stored.

@@ -56,9 +56,17 @@ class Tiles:
   group_aligned: bool = True
 
 
-def default_tiles(k: int, n: int) -> Tiles:
+def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
+  """Shared memory of one CTA: the x and dy ring and the two epilogue buffers."""
+  return t.stages * t.tr * (t.tko + 2 * t.tn) * itemsize + 2 * t.tko * t.epi_n * out_itemsize
+
+
+def default_tiles(k: int, n: int, out_dtype=jnp.bfloat16) -> Tiles:
   del k
-  return Tiles(tn=128 if n % 256 == 0 else 64)
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  # A float32 dw doubles the epilogue buffers: the ring gets shallower to fit.
+  return gmm_mosaic.fit_stages(Tiles(tn=128 if n % 256 == 0 else 64),
+                               lambda t: smem_bytes(t, out_itemsize=out_itemsize))
 
 
 def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
@@ -216,7 +224,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
     raise ValueError(f"tgmm: x has {m} rows but dy has {dy.shape[0]}")
   if x.dtype != dy.dtype:
     raise ValueError(f"tgmm wants x and dy of one dtype; got {x.dtype} and {dy.dtype}")
-  t = tiles or default_tiles(k, n)
+  t = tiles or default_tiles(k, n, out_dtype or x.dtype)
   reason = unsupported_reason(k, n, x.dtype, t)
   if reason:
     raise ValueError(f"moe_kernels.tgmm_mosaic: {reason}")

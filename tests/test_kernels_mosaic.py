@@ -118,6 +118,21 @@ def test_gmm_forward(m, k, n, gs, tiles, dtype):
   _check_out(y, _ref_gmm(x, w, gs), gs, dtype)
 
 
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_default_tiles_fit_shared_memory(out_dtype):
+  # A float32 output doubles the epilogue buffers; 4 stages at tn=128 then need
+  # 256 KB, past Hopper's 227 KB (found by lowering the float32 path for CUDA).
+  itemsize = jnp.dtype(out_dtype).itemsize
+  for m, k, n, e in [(65536, 2048, 768, 64), (131072, 7168, 2048, 256), (4096, 512, 1408, 8),
+                     (256, 4096, 1024, 64)]:
+    t = gmm_mosaic.default_tiles(m, k, n, e, out_dtype)
+    assert gmm_mosaic.smem_bytes(t, out_itemsize=itemsize) <= gmm_mosaic.SMEM_BUDGET, t
+    tt = tgmm_mosaic.default_tiles(k, n, out_dtype)
+    assert tgmm_mosaic.smem_bytes(tt, out_itemsize=itemsize) <= gmm_mosaic.SMEM_BUDGET, tt
+  assert gmm_mosaic.default_tiles(65536, 2048, 768, 64, jnp.float32).stages == 3
+  assert tgmm_mosaic.default_tiles(2048, 768, jnp.float32).stages == 3
+
+
 def test_default_tiles_pick_the_ring_depth_by_contraction():
   assert gmm_mosaic.default_tiles(131072, 7168, 2048, 256).stages == 3
   assert gmm_mosaic.default_tiles(65536, 2048, 768, 64).stages == 4
@@ -241,16 +256,66 @@ def test_float32_falls_back_to_triton(mosaic_calls):
   assert _rel(dw, _ref_tgmm(x, dy, gs)) < 1e-5
 
 
+# --- float32 as three bfloat16 products (backend "mosaic_bf16x3") ---------------
+
+def test_split_bf16_pieces_sum_to_the_float32_value():
+  rng = np.random.default_rng(12)
+  a = (rng.standard_normal(4096) * np.exp(rng.uniform(-20, 20, 4096))).astype(np.float32)
+  hi, lo = gmm_lib.split_bf16(jnp.asarray(a))
+  assert hi.dtype == lo.dtype == jnp.bfloat16
+  # hi is a rounded to bfloat16 (nearest even, as XLA's own conversion)
+  np.testing.assert_array_equal(np.asarray(hi, np.float32),
+                                np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float32))
+  rest = np.abs(a.astype(np.float64) - np.asarray(hi, np.float64) - np.asarray(lo, np.float64))
+  assert np.all(rest <= 2.0 ** -16 * np.abs(a)), float(np.max(rest / np.abs(a)))
+  assert np.any(np.asarray(lo, np.float32) != 0)
+
+
+def test_bf16x3_float32_forward_through_the_registry(mosaic_calls):
+  # Forward only (no transposed operand), so it runs on every jax version.
+  rng = np.random.default_rng(14)
+  gs = np.array([30, 0, 90], np.int32)
+  x, w, _ = _inputs(rng, 130, 192, 256, 3, jnp.float32)
+  y = jax.jit(lambda a, b: op.grouped_matmul(a, b, jnp.asarray(gs),
+                                              impl="pallas_mosaic_bf16x3_interpret"))(x, w)
+  assert mosaic_calls == ["gmm"] and y.dtype == jnp.float32
+  assert _rel(y, _ref_gmm(x, w, gs)) < 3e-5
+  assert np.all(np.asarray(y)[gs.sum():] == 0)
+
+
+@needs_transpose
+def test_bf16x3_float32_gradients_match_float64(mosaic_calls):
+  rng = np.random.default_rng(13)
+  gs = np.array([70, 0, 50, 30], np.int32)                   # an empty group, a tail
+  x, w, dy = _inputs(rng, 200, 128, 128, 4, jnp.float32)
+  f = lambda a, b: gmm_lib.gmm(a, b, jnp.asarray(gs), backend="mosaic_bf16x3",
+                               interpret=True)
+  y, dx, dw = _value_and_vjp(f, x, w, dy)
+  assert mosaic_calls == ["gmm", "gmm_t", "tgmm", "tgmm", "tgmm"]   # none on Triton
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  ref_dx = _ref_gmm(dy, np.swapaxes(np.asarray(w, np.float64), 1, 2), gs)
+  errors = [_rel(y, _ref_gmm(x, w, gs)), _rel(dx, ref_dx), _rel(dw, _ref_tgmm(x, dy, gs))]
+  # Control: bfloat16 operands alone are about 100x less accurate.
+  bf = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+  control = _rel(_ref_gmm(bf(x), bf(w), gs), _ref_gmm(x, w, gs))
+  assert control > 1e-3, control
+  assert max(errors) < 3e-5, errors
+  assert np.all(np.asarray(y)[gs.sum():] == 0)
+  assert np.all(np.asarray(dw)[gs == 0] == 0)
+
+
 # --- registry ------------------------------------------------------------------
 
 def test_registry_mosaic_impls_on_cpu(mosaic_calls):
-  assert {"pallas_mosaic", "pallas_mosaic_interpret"} <= set(op.known_impls())
+  assert {"pallas_mosaic", "pallas_mosaic_interpret", "pallas_mosaic_bf16x3",
+          "pallas_mosaic_bf16x3_interpret"} <= set(op.known_impls())
   rng = np.random.default_rng(6)
   gs = np.array([60, 0, 41], np.int32)
   x, w, _ = _inputs(rng, 120, 128, 128, 3, jnp.bfloat16)
   assert op.resolve_impl("auto", x, w).name == "ragged_dot"  # never an interpreter
-  with pytest.raises(ValueError, match="pallas_mosaic_interpret"):
-    op.grouped_matmul(x, w, jnp.asarray(gs), impl="pallas_mosaic")
+  for impl in ("pallas_mosaic", "pallas_mosaic_bf16x3"):
+    with pytest.raises(ValueError, match="pallas_mosaic_interpret"):
+      op.grouped_matmul(x, w, jnp.asarray(gs), impl=impl)
   assert not mosaic_calls
   y = op.grouped_matmul(x, w, jnp.asarray(gs), impl="pallas_mosaic_interpret")
   assert mosaic_calls == ["gmm"]
@@ -413,3 +478,17 @@ def test_kernels_lower_for_cuda(kernel, m, k, n, e, tiles, transposed):
     args = (x, jax.ShapeDtypeStruct((e, n, k) if transposed else (e, k, n), bf16), gs)
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_bf16x3_float32_lowers_for_cuda():
+  f32 = jnp.float32
+  args = (jax.ShapeDtypeStruct((1024, 256), f32), jax.ShapeDtypeStruct((4, 256, 256), f32),
+          jax.ShapeDtypeStruct((1024, 256), f32))
+  gs = jnp.array([300, 0, 500, 224], jnp.int32)
+
+  def fwd_bwd(x, w, dy):
+    y, vjp = jax.vjp(lambda a, b: gmm_lib.gmm(a, b, gs, backend="mosaic_bf16x3"), x, w)
+    return (y, *vjp(dy))
+
+  text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 5, "gmm, transposed gmm and three tgmm on Mosaic"
