@@ -8,7 +8,8 @@ from typing import Any
 
 from moe_jax.dispatch import DISPATCH_MODES
 from moe_jax.layers.experts import ACTIVATIONS, EXPERT_KINDS
-from moe_jax.layers.moe import COMBINE_WEIGHTS_AT, FUSED_MODES, ROUTER_LOGITS_PRECISIONS
+from moe_jax.layers.moe import (COMBINE_WEIGHTS_AT, FUSED_MODES, ROUTER_LOGITS_PRECISIONS,
+                                MoeConfig)
 from moe_jax.layers.transformer import DTYPES
 from moe_jax.routing import get_router
 from moe_jax.sharding import mesh_shape
@@ -68,7 +69,7 @@ def validate_config(config: Any, num_devices: int) -> None:
       raise ConfigError(str(e)) from None
   for field, allowed in (("fused_dispatch", FUSED_MODES),
                          ("combine_weights_at", COMBINE_WEIGHTS_AT)):
-    value = moe.get(field, allowed[0])   # configs without the field take the default
+    value = moe.get(field, getattr(MoeConfig(), field))   # absent: the layer's default
     _require(value in allowed, f"model.moe.{field}={value!r}; allowed: {list(allowed)}")
   _require(moe.expert_kind in EXPERT_KINDS,
            f"model.moe.expert_kind={moe.expert_kind!r}; allowed: {sorted(EXPERT_KINDS)}")

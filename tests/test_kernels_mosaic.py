@@ -122,6 +122,9 @@ def test_gmm_forward(m, k, n, gs, tiles, dtype):
 def test_default_tiles_fit_shared_memory(out_dtype):
   # A float32 output doubles the epilogue buffers; 4 stages at tn=128 then need
   # 256 KB, past Hopper's 227 KB (found by lowering the float32 path for CUDA).
+  # This checks the defaults against smem_bytes, our model of the footprint;
+  # Mosaic's own count is checked by test_bf16x3_float32_lowers_for_cuda, which
+  # lowers gmm and tgmm with float32 outputs at default tiles.
   itemsize = jnp.dtype(out_dtype).itemsize
   for m, k, n, e in [(65536, 2048, 768, 64), (131072, 7168, 2048, 256), (4096, 512, 1408, 8),
                      (256, 4096, 1024, 64)]:

@@ -184,6 +184,9 @@ class MoeLayer(nn.Module):
   def __call__(self, x: jax.Array, token_ids: Optional[jax.Array] = None,
                step: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
     cfg = self.cfg
+    if cfg.combine_weights_at not in COMBINE_WEIGHTS_AT:
+      raise ValueError(f"model.moe.combine_weights_at={cfg.combine_weights_at!r}; "
+                       f"allowed: {list(COMBINE_WEIGHTS_AT)}")
     batch, length, d_model = x.shape
     x_tokens = x.reshape(batch * length, d_model)
     definition = get_router(cfg.router.name)
@@ -210,9 +213,6 @@ class MoeLayer(nn.Module):
                        slots_per_token=k)
       y = experts(x_tokens.astype(self.dtype), plan.group_sizes, fused=rows)
     else:
-      if cfg.combine_weights_at not in COMBINE_WEIGHTS_AT:
-        raise ValueError(f"model.moe.combine_weights_at={cfg.combine_weights_at!r}; "
-                         f"allowed: {list(COMBINE_WEIGHTS_AT)}")
       buffer = dispatch_lib.dispatch(x_tokens.astype(self.dtype), plan)
       buffer = nn.with_logical_constraint(buffer, ("activation_exp_rows", "activation_embed"))
       if cfg.combine_weights_at == "hidden":
