@@ -50,6 +50,8 @@ from moe_kernels import gmm_mosaic  # noqa: E402  pylint: disable=g-import-not-a
 from moe_kernels import gmm_triton  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import tuning  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import tgmm_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments.tile_variants import (  # noqa: E402  pylint: disable=g-import-not-at-top
+    GMM_FIELDS, GMM_REQUIRED, TGMM_FIELDS, TGMM_REQUIRED, variant_tiles)
 
 SHAPES = {
     "llama-ish": (32768, 4096, 3584, 8),
@@ -77,7 +79,8 @@ _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic", "pallas_triton", "ragged_d
                            "tgmm_mosaic@tko/tn/tr/stages[/window[/window_from[/group_aligned]]] times "
                            "weight-gradient tile variants (mode tgmm)")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
-                           "fwd, fwdbwd, and/or tgmm (the weight-gradient kernel alone)")
+                           "fwd, fwdbwd, tgmm (the weight-gradient kernel alone) and/or "
+                           "dx (the input-gradient product alone, Mosaic kernels)")
 _ITERS = flags.DEFINE_integer("iters", 20, "calls per timing sample")
 _REPS = flags.DEFINE_integer("reps", 5, "timing samples (median taken)")
 _CHECK = flags.DEFINE_bool("check", False, "check correctness before timing")
@@ -187,34 +190,46 @@ def impl_fn(name):
   raise ValueError(name)
 
 
-def variant_tiles(name, tiles_cls, names, required):
-  """``prefix@v1/v2/...`` -> ``tiles_cls`` with the first ``required`` of ``names``
-  given and the rest optional (omitted fields take the class defaults)."""
-  prefix, spec = name.split("@")
-  fields = [int(v) for v in spec.split("/")]
-  if not required <= len(fields) <= len(names):
-    optional = "".join(f"[/{n}" for n in names[required:]) + "]" * (len(names) - required)
-    raise ValueError(f"{name!r}: want {prefix}@{'/'.join(names[:required])}{optional}")
-  values = dict(zip(names, fields))
-  defaults = tiles_cls()
-  return tiles_cls(**{k: type(getattr(defaults, k))(v) for k, v in values.items()})
+def _mosaic_tiles(name, m, k, n, e):
+  """A ``pallas_mosaic@...`` variant's tiles for the product [m, k] x [e, k, n]."""
+  return variant_tiles(name, gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED,
+                       gmm_mosaic.default_tiles(m, k, n, e))
 
 
 def mosaic_variant(name):
-  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max[/group_aligned]]]``:
-  forward only."""
-  tiles = variant_tiles(name, gmm_mosaic.Tiles,
-                        ("tm", "tn", "tk", "stages", "window", "overlap", "light_max",
-                         "group_aligned"), 5)
-  return lambda x, w, gs: gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
+  """``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max[/group_aligned]]]
+  [/field=value...]`` or ``pallas_mosaic@field=value[/...]`` (changes to the default
+  tiles): modes fwd and dx (the input-gradient product)."""
+  def run(x, w, gs):
+    tiles = _mosaic_tiles(name, x.shape[0], x.shape[1], w.shape[2], w.shape[0])
+    return gmm_mosaic.gmm(x, w, gs, tiles=tiles, interpret=_INTERPRET.value)
+  return run
+
+
+def dx_fn(name):
+  """The input-gradient product alone, dy[M, N] @ w[g]^T with w[E, K, N] (mode dx),
+  with the Mosaic kernel's default tiles or a ``pallas_mosaic@...`` variant's; None
+  for other impls."""
+  if name != "pallas_mosaic" and not name.startswith("pallas_mosaic@"):
+    return None
+
+  def run(dy, w, gs):
+    tiles = None
+    if "@" in name:
+      tiles = _mosaic_tiles(name, dy.shape[0], dy.shape[1], w.shape[1], w.shape[0])
+    return gmm_mosaic.gmm(dy, w, gs, tiles=tiles, transpose_rhs=True,
+                          interpret=_INTERPRET.value)
+  return run
 
 
 def tgmm_variant(name):
-  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from[/group_aligned]]]``: mode tgmm only."""
-  tiles = variant_tiles(name, tgmm_mosaic.Tiles,
-                        ("tko", "tn", "tr", "stages", "window", "window_from",
-                         "group_aligned"), 4)
-  return lambda x, dy, gs: tgmm_mosaic.tgmm(x, dy, gs, tiles=tiles, interpret=_INTERPRET.value)
+  """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from[/group_aligned]]][/field=value...]``
+  or ``tgmm_mosaic@field=value[/...]`` (changes to the default tiles): mode tgmm only."""
+  def run(x, dy, gs):
+    tiles = variant_tiles(name, tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED,
+                          tgmm_mosaic.default_tiles(x.shape[1], dy.shape[1]))
+    return tgmm_mosaic.tgmm(x, dy, gs, tiles=tiles, interpret=_INTERPRET.value)
+  return run
 
 
 def tgmm_fn(name):
@@ -282,6 +297,37 @@ def check(log):
                    tail_zero=tail_zero, ok=ok)
         log.append(row)
         print(json.dumps(row), flush=True)
+      if dtype == jnp.bfloat16:
+        check_variants(log, x, w, gs, dy, ry, rdx, rdw, (m, k, n, e), dist)
+
+
+def check_variants(log, x, w, gs, dy, ry, rdx, rdw, shape, dist):
+  """Mosaic tile variants (16-bit only) against the same references: y and dx for
+  ``pallas_mosaic@...``, dw for ``tgmm_mosaic@...``. A variant the shape does not
+  fit (off the tile grid) is skipped."""
+  m = x.shape[0]
+  tail = m - int(np.sum(np.asarray(gs)))
+  for impl in [i for i in _IMPLS.value if "@" in i]:
+    try:
+      if impl.startswith("pallas_mosaic@"):
+        outs = jax.jit(lambda a, b, g, d: (mosaic_variant(impl)(a, b, g),
+                                           dx_fn(impl)(d, b, g)))(x, w, gs, dy)
+        refs = (ry, rdx)
+      else:
+        outs = (jax.jit(tgmm_variant(impl))(x, dy, gs),)
+        refs = (rdw,)
+    except ValueError as exc:
+      print(f"check {impl} {shape}: not run ({exc})"[:300], flush=True)
+      continue
+    errs = [rel_err(a, r) for a, r in zip(outs, refs)]
+    finite = all(bool(np.all(np.isfinite(np.asarray(a, np.float32)))) for a in outs)
+    tail_zero = all(bool(np.all(np.asarray(a, np.float32)[m - tail:] == 0))
+                    for a in outs if a.ndim == 2)
+    ok = finite and tail_zero and max(errs) < 1e-2
+    row = dict(kind="check", impl=impl, dtype=jnp.dtype(x.dtype).name, shape=shape,
+               dist=dist, errs=errs, tail_zero=tail_zero, ok=ok)
+    log.append(row)
+    print(json.dumps(row), flush=True)
 
 
 def check_fused(log):
@@ -332,7 +378,7 @@ def run_bench(log):
     # fwd+bwd is three matmuls of these FLOPs: the dense baseline is 3x the dense
     # forward (XLA's own vjp of a bf16 dot with f32 output upcasts dy and is slower).
     t_fwd = bench(dense_f, x, wd)
-    t_dense = {"fwd": t_fwd, "fwdbwd": 3 * t_fwd, "tgmm": t_fwd}
+    t_dense = {"fwd": t_fwd, "fwdbwd": 3 * t_fwd, "tgmm": t_fwd, "dx": t_fwd}
     for mode in _MODES.value:
       t = t_dense[mode]
       f = flops * (3 if mode == "fwdbwd" else 1)
@@ -349,16 +395,20 @@ def run_bench(log):
         for mode in _MODES.value:
           if impl in ("pallas_dense", "pallas_e1") and (mode != "fwd" or dist != "balanced"):
             continue
-          if impl.startswith("pallas_mosaic@") and mode != "fwd":
+          if impl.startswith("pallas_mosaic@") and mode not in ("fwd", "dx"):
             continue
           if impl.startswith("tgmm_mosaic@") and mode != "tgmm":
             continue
-          fn = impl_fn(impl) if mode != "tgmm" else None
+          fn = impl_fn(impl) if mode not in ("tgmm", "dx") else None
           if mode == "tgmm" and tgmm_fn(impl) is None:
+            continue
+          if mode == "dx" and dx_fn(impl) is None:
             continue
           try:
             if mode == "tgmm":
               _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(tgmm_fn(impl)), (x, dy, gs))
+            elif mode == "dx":
+              _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(dx_fn(impl)), (dy, w, gs))
             elif mode == "fwd":
               _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(fn), (x, w, gs), **slow)
             else:
@@ -582,6 +632,9 @@ def print_table(log):
   checks = [r for r in log if r["kind"] == "check"]
   if checks:
     print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok")
+    for r in checks:
+      if not r["ok"]:
+        print(f"FAILED check: {r.get('impl', r['dist'])} {r['dtype']} {r['shape']}")
 
 
 def main(argv):

@@ -11,8 +11,10 @@ Structure of one CTA (three warpgroups, one CTA per SM, persistent):
 
 - a memory warpgroup issues TMA loads of the [tm, tk] x tile and the
   [tk, 2 tn] weight tile into a ring of ``stages`` shared-memory slots;
-- two compute warpgroups each own half of the output columns ([tm, tn], float32
-  accumulator in registers) and run ``wgmma`` on the shared slots;
+- two compute warpgroups each own half of the CTA's [tm, 2 tn] output tile
+  (float32 accumulator in registers) and run ``wgmma`` on the shared slots:
+  half of the columns, or with ``Tiles.split="m"`` half of the rows, in which
+  case a half holding none of a visit's rows skips its wgmma and stores;
 - work items (visit, column block) are dealt round-robin to the CTAs, so the
   memory warpgroup prefetches the next item's tiles while the compute
   warpgroups store the current one. Items run in windows of ``window`` visits
@@ -82,6 +84,32 @@ class Tiles:
   # not on the tm grid, where a group straddling a tile boundary is visited once
   # more (schedule.make_schedule). Kept switchable to measure one against the other.
   group_aligned: bool = True
+  # How the two compute warpgroups share the CTA's [tm, 2 tn] tile. "n": each owns
+  # [tm, tn] (a column half). "m": each owns [tm / 2, 2 tn] (a row half), so a
+  # visit whose rows all lie in one half (the short last tile of most groups)
+  # skips the other half's wgmma and epilogue, leaving the tensor cores to the
+  # warpgroup that has rows: compute follows the visit's rows in steps of
+  # tm / 2 instead of tm.
+  split: str = "n"
+  # Pipeline steps a consumed ring slot is held before it is released, so that a
+  # warpgroup keeps this many wgmma groups in flight (wgmma_wait(delay_release))
+  # instead of draining the tensor cores every step. Not with ``overlap``.
+  delay_release: int = 0
+
+  @property
+  def wg_rows(self) -> int:
+    return self.tm // 2 if self.split == "m" else self.tm
+
+  @property
+  def wg_cols(self) -> int:
+    return 2 * self.tn if self.split == "m" else self.tn
+
+
+SPLITS = ("n", "m")
+# wgmma's M is 64 rows per instruction; a float32 accumulator of more than
+# 128 x 128 values per warpgroup (128 registers a thread) leaves too few for the rest.
+WGMMA_ROWS = 64
+MAX_ACC_VALUES = 128 * 128
 
 
 # Shared memory a CTA may use on Hopper (227 KB), less room for the barriers.
@@ -91,7 +119,7 @@ SMEM_BUDGET = 227 * 1024 - 1024
 def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
   """Shared memory of one CTA: the operand ring and the two epilogue buffers."""
   ring = t.stages * (t.tm * t.tk + t.tk * 2 * t.tn) * itemsize
-  return ring + 2 * t.tm * t.epi_n * out_itemsize
+  return ring + 2 * t.wg_rows * t.epi_n * out_itemsize
 
 
 def fit_stages(t: Tiles, smem_fn) -> Tiles:
@@ -104,6 +132,13 @@ def fit_stages(t: Tiles, smem_fn) -> Tiles:
 def default_tiles(m: int, k: int, n: int, num_groups: int, out_dtype=jnp.bfloat16) -> Tiles:
   tn = 128 if n % 256 == 0 else 64
   tm = 128 if m >= 128 * num_groups else 64  # few rows per group: halve the waste
+  if tn == 64 and m >= 256 * num_groups:
+    # 128-column CTAs: 256 rows split by rows gives each warpgroup 128 x 128, not
+    # 128 x 64, and skips a half with no rows (H200: fine-1408 forward 0.617 ->
+    # 0.575 ms balanced, 0.671 -> 0.632 skewed). With 256 columns the row split
+    # (64 x 256 a warpgroup) measured slower: docs/benchmarks.md, sixth session.
+    return fit_stages(Tiles(tm=256, tn=64, split="m"),
+                      lambda t: smem_bytes(t, out_itemsize=jnp.dtype(out_dtype).itemsize))
   # A 3-deep ring measured faster for long contractions on skewed groups (dsv3,
   # K=7168: 0.68 -> 0.83 of dense) and level elsewhere at K >= 4096; shorter
   # contractions and tn=64 keep 4 (docs/benchmarks.md, third session). A float32
@@ -131,6 +166,23 @@ def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
     return f"output columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
   if tiles.tn % tiles.epi_n:
     return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
+  return tiles_reason(tiles)
+
+
+def tiles_reason(t: Tiles) -> Optional[str]:
+  """Why a tile configuration cannot run, whatever the operands (None if it can)."""
+  if t.split not in SPLITS:
+    return f"split={t.split!r} is not one of {SPLITS}"
+  if t.wg_rows % WGMMA_ROWS:
+    return (f"tm={t.tm} with split={t.split!r} gives each warpgroup {t.wg_rows} rows, "
+            f"not a multiple of wgmma's {WGMMA_ROWS}")
+  if t.wg_rows * t.wg_cols > MAX_ACC_VALUES:
+    return (f"tm={t.tm}, tn={t.tn} with split={t.split!r} gives each warpgroup a "
+            f"{t.wg_rows}x{t.wg_cols} accumulator, over {MAX_ACC_VALUES} values")
+  if t.delay_release < 0 or t.delay_release >= t.stages:
+    return f"delay_release={t.delay_release} must be in [0, stages={t.stages})"
+  if t.overlap and t.delay_release:
+    return "overlap (a pipeline of pipelines) does not take delay_release"
   return None
 
 
@@ -223,16 +275,19 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
                 plgpu.SwizzleTransform(swizzle))
   cta_n = 2 * t.tn
+  concurrent = min(t.stages, k_steps)
+  spec = functools.partial(plgpu.BlockSpec, transforms=transforms,
+                           delay_release=min(t.delay_release, concurrent - 1))
   if transpose_rhs:  # rhs[g] is [N, K]: load [2tn, tk] blocks, feed wgmma transposed
-    b_spec = plgpu.BlockSpec((cta_n, t.tk), lambda kb: (0, kb), transforms=transforms)
+    b_spec = spec((cta_n, t.tk), lambda kb: (0, kb))
   else:
-    b_spec = plgpu.BlockSpec((t.tk, cta_n), lambda kb: (kb, 0), transforms=transforms)
-  a_spec = plgpu.BlockSpec((t.tm, t.tk), lambda kb: (0, kb), transforms=transforms)
+    b_spec = spec((t.tk, cta_n), lambda kb: (kb, 0))
+  a_spec = spec((t.tm, t.tk), lambda kb: (0, kb))
 
   def make_pipeline(body, context, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_steps,), memory_registers=40, in_specs=[a_spec, b_spec],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(t.stages, k_steps),
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=concurrent,
         compute_context=context, pipeline_state=state)
 
   def rhs_block(group, nj):
@@ -245,10 +300,15 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
       pl.run_scoped,
       allocs=make_pipeline(ignore, ignore).get_allocations(lhs_gmem.at[pl.ds(0, t.tm), :],
                                                            rhs_block(0, 0)),
-      out_smem=plgpu.SMEM((2, t.tm, t.epi_n), out_dtype),
+      out_smem=plgpu.SMEM((2, t.wg_rows, t.epi_n), out_dtype),
       collective_axes="wg")
   def _scope(allocs, out_smem):
     wg = lax.axis_index("wg")
+    by_rows = t.split == "m"
+    # This warpgroup's part of the CTA tile: rows [wg_row0, wg_row0 + wg_rows)
+    # and columns [wg_col0, wg_col0 + wg_cols) of the [tm, 2 tn] tile.
+    wg_row0 = wg * t.wg_rows if by_rows else 0
+    wg_col0 = 0 if by_rows else wg * t.tn
 
     @plgpu.nd_loop((num_items,), collective_axes="sm")
     def _item(info):
@@ -257,42 +317,54 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
       group = meta_gmem[visit, 0]
       row0 = pl.multiple_of(meta_gmem[visit, 1], TMA_ROW_ALIGN)
       lo = meta_gmem[visit, 2] - row0   # first row to store, within the tile
-      size = meta_gmem[visit, 3] - meta_gmem[visit, 2]
-      col0 = nj * cta_n + wg * t.tn     # this warpgroup's first output column
+      hi = meta_gmem[visit, 3] - row0
+      # The rows this warpgroup stores, within its own [wg_rows, wg_cols] part.
+      my_lo = jnp.clip(lo - wg_row0, 0, t.wg_rows)
+      my_size = jnp.clip(hi - wg_row0, 0, t.wg_rows) - my_lo
+      col0 = nj * cta_n + wg_col0       # this warpgroup's first output column
 
       def store_rows(chunk_fn):
-        """Stores rows [lo, lo + size) of this warpgroup's [tm, tn] tile."""
-        for c in range(t.tn // t.epi_n):
+        """Stores rows [my_lo, my_lo + my_size) of this warpgroup's part."""
+        for c in range(t.wg_cols // t.epi_n):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # slot free again
           out_smem[wg] = chunk_fn(c)
           plgpu.commit_smem()
-          start = lo
-          height = t.tm
+          start = my_lo
+          height = t.wg_rows
           while height >= 1:
-            @pl.when((size & height) != 0)
+            @pl.when((my_size & height) != 0)
             def _store(start=start, height=height):
               plgpu.copy_smem_to_gmem(
                   out_smem.at[wg, pl.ds(start, height)],
-                  out_gmem.at[pl.ds(row0 + start, height),
+                  out_gmem.at[pl.ds(row0 + wg_row0 + start, height),
                               pl.ds(col0 + c * t.epi_n, t.epi_n)])
-            start = start + (size & height)
+            start = start + (my_size & height)
             height //= 2
 
       def context(eval_pipeline):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tm, t.tn), jnp.float32))
+        @functools.partial(pl.run_scoped,
+                           acc_ref=plgpu.ACC((t.wg_rows, t.wg_cols), jnp.float32))
         def _acc(acc_ref):
           eval_pipeline(acc_ref)
-          acc = acc_ref[...].astype(out_dtype)
-          store_rows(lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
+
+          @pl.when(my_size > 0)
+          def _epilogue():
+            acc = acc_ref[...].astype(out_dtype)
+            store_rows(lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
 
       def mma(_, a_smem, b_smem, acc_ref):
-        cols = pl.ds(wg * t.tn, t.tn)
-        if transpose_rhs:
-          b = b_smem.at[cols, :].transpose((1, 0))
+        if by_rows:
+          a = a_smem.at[pl.ds(pl.multiple_of(wg * t.wg_rows, t.wg_rows), t.wg_rows)]
+          b = b_smem.transpose((1, 0)) if transpose_rhs else b_smem
+
+          @pl.when(my_size > 0)  # no rows in this half: leave the tensor cores be
+          def _mma():
+            plgpu.wgmma(acc_ref, a, b)
         else:
-          b = b_smem.at[:, cols]
-        plgpu.wgmma(acc_ref, a_smem, b)
-        plgpu.wgmma_wait(0)
+          cols = pl.ds(wg * t.tn, t.tn)
+          b = b_smem.at[cols, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, cols]
+          plgpu.wgmma(acc_ref, a_smem, b)
+        plgpu.wgmma_wait(min(t.delay_release, concurrent - 1))
         return acc_ref
 
       @pl.when(group < num_groups)
@@ -301,9 +373,9 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
         make_pipeline(mma, context, state)(lhs_gmem.at[pl.ds(row0, t.tm), :],
                                            rhs_block(group, nj), allocations=allocs)
 
-      @pl.when((group == num_groups) & (wg < 2))
+      @pl.when((group == num_groups) & (wg < 2) & (my_size > 0))
       def _zero_tail():
-        store_rows(lambda c: jnp.zeros((t.tm, t.epi_n), out_dtype))
+        store_rows(lambda c: jnp.zeros((t.wg_rows, t.epi_n), out_dtype))
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

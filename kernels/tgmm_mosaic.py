@@ -4,7 +4,10 @@
 ``dw[g] = x[rows of g]^T @ dy[rows of g]``: a contraction over each group's
 rows. Same CTA structure as ``gmm_mosaic`` (persistent, one memory and two
 compute warpgroups, TMA + wgmma); the compute warpgroups split the output
-columns.
+columns. By default (``Tiles.pipeline="flat"``) one shared-memory ring serves
+all of a CTA's (item, step) pairs, so the memory warpgroup loads the next
+item's first steps while the compute warpgroups store the current tile, and
+groups are processed largest first (``Tiles.order="size"``).
 
 A work item is one [tko, 2 tn] output tile of one group (items ordered group by
 group, and inside a group in windows of dw row blocks that sweep the column
@@ -54,6 +57,15 @@ class Tiles:
   # Steps start at each group's first row (step_plan); False steps on the tr grid
   # (one more step for a group straddling a block boundary), kept to compare.
   group_aligned: bool = True
+  # "flat": one ring and one loop over all of a CTA's (item, step) pairs, so the
+  # memory warpgroup loads the next item's first steps while the compute
+  # warpgroups finish and store the current tile (dw tiles reduce over only a
+  # group's rows, so the per-item pipeline fill and drain are a large share).
+  # "per_item": one jax warp-specialized pipeline per item, kept to compare.
+  pipeline: str = "flat"
+  # Items in order of their group's step count, largest first ("size"), so the
+  # last items dealt to the CTAs are the shortest; or in group order ("index").
+  order: str = "size"
 
 
 def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
@@ -64,14 +76,31 @@ def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
 def default_tiles(k: int, n: int, out_dtype=jnp.bfloat16) -> Tiles:
   del k
   out_itemsize = jnp.dtype(out_dtype).itemsize
-  # A float32 dw doubles the epilogue buffers: the ring gets shallower to fit.
-  return gmm_mosaic.fit_stages(Tiles(tn=128 if n % 256 == 0 else 64),
-                               lambda t: smem_bytes(t, out_itemsize=out_itemsize))
+  fits = lambda t: smem_bytes(t, out_itemsize=out_itemsize)
+  tn = 128 if n % 256 == 0 else 64
+  # Each warpgroup stores its dw tile in one epilogue chunk (epi_n = tn): with two
+  # chunks the second waits for the first to leave shared memory, once per item
+  # (H200: dsv3 skewed 7.74 -> 7.39 ms, fine-768 skewed 0.386 -> 0.372; balanced
+  # level). The bigger buffer costs a ring slot (4 -> 3 at tn = 128, measured level
+  # on its own); where that would leave fewer than 3 slots (a float32 dw) the
+  # chunks stay at 64 columns. A float32 dw doubles the epilogue buffers either way.
+  t = gmm_mosaic.fit_stages(Tiles(tn=tn, epi_n=tn), fits)
+  if t.stages < 3 or fits(t) > gmm_mosaic.SMEM_BUDGET:
+    t = gmm_mosaic.fit_stages(Tiles(tn=tn), fits)
+  return t
+
+
+PIPELINES = ("per_item", "flat")
+ORDERS = ("index", "size")
 
 
 def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
   if reason := gmm_mosaic.dtype_reason(dtype, "tgmm"):
     return reason
+  if tiles.pipeline not in PIPELINES:
+    return f"pipeline={tiles.pipeline!r} is not one of {PIPELINES}"
+  if tiles.order not in ORDERS:
+    return f"order={tiles.order!r} is not one of {ORDERS}"
   if k % tiles.tko:
     return f"x columns {k} are not a multiple of tko={tiles.tko}"
   if n % (2 * tiles.tn):
@@ -118,8 +147,9 @@ def step_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, tr: int,
 
 
 def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
-            k_blocks: int, n_ctas: int, num_rows: int):
-  # meta_gmem[g] = (first row, one past the last row, first row of step 0, steps)
+            k_blocks: int, n_ctas: int, num_rows: int, num_sms: int):
+  # meta_gmem[p] = (group, first row, one past the last row, first row of step 0,
+  # steps) of the p-th group in processing order (see item_plan).
   dtype = x_gmem.dtype
   out_dtype = out_gmem.dtype
   itemsize = jnp.dtype(dtype).itemsize
@@ -127,6 +157,62 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
                 plgpu.SwizzleTransform(swizzle))
   cta_n = 2 * t.tn
+  per_group = k_blocks * n_ctas
+  num_items = num_groups * per_group
+  window = _window(k_blocks, t.window) if n_ctas >= t.window_from else 1
+
+  def item(idx):
+    """Work item idx -> (group, dw row block, column block, group rows, steps)."""
+    p = lax.div(idx, per_group)
+    kb, nj = gmm_mosaic.item_coords(lax.rem(idx, per_group), window, n_ctas)
+    row0 = pl.multiple_of(meta_gmem[p, 3], gmm_mosaic.TMA_ROW_ALIGN)
+    return meta_gmem[p, 0], kb, nj, meta_gmem[p, 1], meta_gmem[p, 2], row0, meta_gmem[p, 4]
+
+  def store(out_smem, wg, g, kb, nj, chunk_fn):
+    for c in range(t.tn // t.epi_n):
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      out_smem[wg] = chunk_fn(c)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          out_smem.at[wg],
+          out_gmem.at[g, pl.ds(kb * t.tko, t.tko),
+                      pl.ds(nj * cta_n + wg * t.tn + c * t.epi_n, t.epi_n)])
+
+  def store_acc(out_smem, wg, g, kb, nj, acc_ref):
+    acc = acc_ref[...].astype(out_dtype)
+    store(out_smem, wg, g, kb, nj, lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
+
+  def store_zeros(out_smem, wg, g, kb, nj):
+    store(out_smem, wg, g, kb, nj, lambda c: jnp.zeros((t.tko, t.epi_n), out_dtype))
+
+  def mma(acc_ref, x_smem, dy_smem, wg, first_row, start, end):
+    """acc += x_smem^T @ (this warpgroup's dy columns, rows outside the group zeroed)."""
+    dy_half = dy_smem.at[:, pl.ds(wg * t.tn, t.tn)]
+    lo = start - first_row  # rows of this step before the group
+    hi = end - first_row    # first row of this step after the group
+
+    @pl.when((lo > 0) | (hi < t.tr))
+    def _mask_neighbours():
+      rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (t.tr, t.tn), 0),
+                               plgpu.Layout.WGMMA)
+      keep = (rows >= lo) & (rows < hi)
+      dy_half[...] = jnp.where(keep, dy_half[...], jnp.zeros((t.tr, t.tn), dtype))
+      plgpu.commit_smem()
+
+    plgpu.wgmma(acc_ref, x_smem.transpose((1, 0)), dy_half)
+    plgpu.wgmma_wait(0)
+
+  def x_block(kb, rows):
+    return x_gmem.at[rows, pl.ds(kb * t.tko, t.tko)]
+
+  def dy_block(nj, rows):
+    return dy_gmem.at[rows, pl.ds(nj * cta_n, cta_n)]
+
+  if t.pipeline == "flat":
+    _flat_body(t, num_items, num_sms, transforms, dtype, out_dtype, item, x_block, dy_block,
+               mma, store_acc, store_zeros)
+    return
+
   x_spec = plgpu.BlockSpec((t.tr, t.tko), lambda r: (r, 0), transforms=transforms)
   dy_spec = plgpu.BlockSpec((t.tr, cta_n), lambda r: (r, 0), transforms=transforms)
 
@@ -144,72 +230,134 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
   @functools.partial(
       pl.run_scoped,
       allocs=make_pipeline(ignore, ignore, t.stages).get_allocations(
-          x_gmem.at[whole, pl.ds(0, t.tko)], dy_gmem.at[whole, pl.ds(0, cta_n)]),
+          x_block(0, whole), dy_block(0, whole)),
       out_smem=plgpu.SMEM((2, t.tko, t.epi_n), out_dtype),
       collective_axes="wg")
   def _scope(allocs, out_smem):
     wg = lax.axis_index("wg")
-    per_group = k_blocks * n_ctas
-    window = _window(k_blocks, t.window) if n_ctas >= t.window_from else 1
 
-    @plgpu.nd_loop((num_groups * per_group,), collective_axes="sm")
+    @plgpu.nd_loop((num_items,), collective_axes="sm")
     def _item(info):
       (idx,) = info.index
-      g = lax.div(idx, per_group)
-      kb, nj = gmm_mosaic.item_coords(lax.rem(idx, per_group), window, n_ctas)
-      start = meta_gmem[g, 0]
-      end = meta_gmem[g, 1]
-      row0 = pl.multiple_of(meta_gmem[g, 2], gmm_mosaic.TMA_ROW_ALIGN)
-      steps = meta_gmem[g, 3]
-      cols = pl.ds(wg * t.tn, t.tn)
-
-      def store(chunk_fn):
-        for c in range(t.tn // t.epi_n):
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem[wg] = chunk_fn(c)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(
-              out_smem.at[wg],
-              out_gmem.at[g, pl.ds(kb * t.tko, t.tko),
-                          pl.ds(nj * cta_n + wg * t.tn + c * t.epi_n, t.epi_n)])
+      g, kb, nj, start, end, row0, steps = item(idx)
 
       def context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tko, t.tn), jnp.float32))
         def _acc(acc_ref):
           eval_pipeline(acc_ref)
-          acc = acc_ref[...].astype(out_dtype)
-          store(lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
+          store_acc(out_smem, wg, g, kb, nj, acc_ref)
 
-      def mma(idxs, x_smem, dy_smem, acc_ref):
+      def body(idxs, x_smem, dy_smem, acc_ref):
         (step,) = idxs
-        dy_half = dy_smem.at[:, cols]
-        lo = start - (row0 + step * t.tr)  # rows of this step before the group
-        hi = end - (row0 + step * t.tr)    # first row of this step after the group
-
-        @pl.when((lo > 0) | (hi < t.tr))
-        def _mask_neighbours():
-          rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (t.tr, t.tn), 0),
-                                   plgpu.Layout.WGMMA)
-          keep = (rows >= lo) & (rows < hi)
-          dy_half[...] = jnp.where(keep, dy_half[...], jnp.zeros((t.tr, t.tn), dtype))
-          plgpu.commit_smem()
-
-        plgpu.wgmma(acc_ref, x_smem.transpose((1, 0)), dy_half)
-        plgpu.wgmma_wait(0)
+        mma(acc_ref, x_smem, dy_smem, wg, row0 + step * t.tr, start, end)
         return acc_ref
 
       @pl.when(steps > 0)
       def _compute():
-        make_pipeline(mma, context, steps)(
-            x_gmem.at[pl.ds(row0, num_rows), pl.ds(kb * t.tko, t.tko)],
-            dy_gmem.at[pl.ds(row0, num_rows), pl.ds(nj * cta_n, cta_n)],
-            allocations=allocs)
+        rows = pl.ds(row0, num_rows)
+        make_pipeline(body, context, steps)(x_block(kb, rows), dy_block(nj, rows),
+                                            allocations=allocs)
 
       @pl.when((steps == 0) & (wg < 2))
       def _empty_group():
-        store(lambda c: jnp.zeros((t.tko, t.epi_n), out_dtype))
+        store_zeros(out_smem, wg, g, kb, nj)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+# Registers a thread of the memory warpgroup keeps; the compute warpgroups share the
+# rest of the 64K-register file (jax's warp-specialized pipeline makes the same split).
+MEMORY_REGISTERS = 40
+COMPUTE_REGISTERS = 232
+
+
+def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item, x_block,
+               dy_block, mma, store_acc, store_zeros):
+  """One ring for all of a CTA's items: the memory warpgroup walks the CTA's
+  (item, step) pairs without stopping at item boundaries, the compute
+  warpgroups walk the same sequence and store each tile when its steps are done.
+
+  Ring slot s % stages holds the CTA's s-th step overall. ``full[slot]``
+  completes when both TMA copies of a step have landed; ``empty[slot]`` when
+  both compute warpgroups have finished the wgmma that read it.
+  """
+  cta_n = 2 * t.tn
+
+  @functools.partial(
+      pl.run_scoped,
+      x_ring=plgpu.SMEM((t.stages, t.tr, t.tko), dtype, transforms=transforms),
+      dy_ring=plgpu.SMEM((t.stages, t.tr, cta_n), dtype, transforms=transforms),
+      full=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+      empty=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+      out_smem=plgpu.SMEM((2, t.tko, t.epi_n), out_dtype),
+      collective_axes="wg")
+  def _scope(x_ring, dy_ring, full, empty, out_smem):
+    wg = lax.axis_index("wg")
+    sm = lax.axis_index("sm")
+    my_items = lax.div(num_items - sm + num_sms - 1, num_sms)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+      def item_loads(j, s):
+        _, kb, nj, _, _, row0, steps = item(sm + j * num_sms)
+
+        def step_loads(i, s):
+          slot = lax.rem(s, t.stages)
+
+          @pl.when(s >= t.stages)
+          def _wait_free():
+            plgpu.barrier_wait(empty.at[slot])
+
+          rows = pl.ds(pl.multiple_of(row0 + i * t.tr, gmm_mosaic.TMA_ROW_ALIGN), t.tr)
+          plgpu.copy_gmem_to_smem(x_block(kb, rows), x_ring.at[slot], full.at[slot])
+          plgpu.copy_gmem_to_smem(dy_block(nj, rows), dy_ring.at[slot], full.at[slot])
+          return s + 1
+
+        return lax.fori_loop(0, steps, step_loads, s)
+
+      lax.fori_loop(0, my_items, item_loads, jnp.int32(0))
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+      def item_compute(j, s):
+        g, kb, nj, start, end, row0, steps = item(sm + j * num_sms)
+
+        @pl.when(steps > 0)
+        def _reduce():
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tko, t.tn), jnp.float32))
+          def _acc(acc_ref):
+            def step_compute(i, acc_ref):
+              slot = lax.rem(s + i, t.stages)
+              plgpu.barrier_wait(full.at[slot])
+              mma(acc_ref, x_ring.at[slot], dy_ring.at[slot], wg, row0 + i * t.tr, start, end)
+              plgpu.barrier_arrive(empty.at[slot])
+              return acc_ref
+
+            lax.fori_loop(0, steps, step_compute, acc_ref)
+            store_acc(out_smem, wg, g, kb, nj, acc_ref)
+
+        @pl.when(steps == 0)
+        def _empty_group():
+          store_zeros(out_smem, wg, g, kb, nj)
+
+        return s + steps
+
+      lax.fori_loop(0, my_items, item_compute, jnp.int32(0))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def item_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, t: Tiles) -> jax.Array:
+  """[E, 5] int32: per group in processing order, (group, then step_plan's row)."""
+  plan = step_plan(group_sizes, num_rows, padded_rows, t.tr, t.group_aligned)
+  if t.order == "size":
+    order = jnp.argsort(-plan[:, 3], stable=True).astype(jnp.int32)
+  else:
+    order = jnp.arange(plan.shape[0], dtype=jnp.int32)
+  return jnp.concatenate([order[:, None], plan[order]], axis=1)
 
 
 # Jitted for the reason given at gmm_mosaic.gmm: one lowering per model, not per layer.
@@ -237,13 +385,14 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
     dy = jnp.pad(dy, ((0, padded - m), (0, 0)))
-  meta = step_plan(group_sizes, m, padded, t.tr, t.group_aligned)
+  meta = item_plan(group_sizes, m, padded, t)
+  grid = num_sms or gmm_mosaic.default_num_sms(interpret)
   kernel = functools.partial(_kernel, t=t, num_groups=num_groups, k_blocks=k // t.tko,
-                             n_ctas=n // (2 * t.tn), num_rows=padded)
+                             n_ctas=n // (2 * t.tn), num_rows=padded, num_sms=grid)
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      grid=(num_sms or gmm_mosaic.default_num_sms(interpret),),
+      grid=(grid,),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",

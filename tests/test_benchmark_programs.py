@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,14 +82,36 @@ def test_gmm_benchmark_smoke():
     assert (shape, "ragged_dot", "fwdbwd") in seen
 
 
+def test_tile_variant_names():
+  from experiments import tile_variants as tv  # pylint: disable=g-import-not-at-top
+  from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
+  base = gmm_mosaic.Tiles(tm=256, tn=64, stages=3)
+  parse = lambda name: tv.variant_tiles(name, gmm_mosaic.Tiles, tv.GMM_FIELDS,
+                                        tv.GMM_REQUIRED, base)
+  # Named fields alone change the kernel's default tiles for the shape.
+  assert parse("pallas_mosaic@split=m/delay_release=1") == gmm_mosaic.Tiles(
+      tm=256, tn=64, stages=3, split="m", delay_release=1)
+  # Positional fields start from the class defaults; named ones may follow.
+  assert parse("pallas_mosaic@128/128/64/4/8/1/split=m") == gmm_mosaic.Tiles(
+      tm=128, tn=128, tk=64, stages=4, window=8, overlap=True, split="m")
+  with pytest.raises(ValueError, match="fields from"):
+    parse("pallas_mosaic@bogus=1")
+  with pytest.raises(ValueError, match="tm/tn/tk/stages/window"):
+    parse("pallas_mosaic@split=m/128")
+  with pytest.raises(ValueError, match="tm/tn/tk/stages/window"):
+    parse("pallas_mosaic@128/128")
+
+
 def test_gmm_benchmark_tile_variants_smoke():
   from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
-  impls = ["pallas_mosaic@64/64/64/2/2/0/2"]
-  if gmm_mosaic.interpreter_reads_transposed():  # tgmm reads x transposed
-    impls.append("tgmm_mosaic@128/64/64/2")
+  impls = ["pallas_mosaic@64/64/64/2/2/0/2", "pallas_mosaic@tm=128/split=m"]
+  modes = "fwd,tgmm"
+  if gmm_mosaic.interpreter_reads_transposed():  # tgmm and dx read transposed operands
+    impls += ["tgmm_mosaic@128/64/64/2", "tgmm_mosaic@pipeline=per_item/order=index"]
+    modes += ",dx"
   out = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret",
-       "--shapes=tiny-mosaic", f"--impls={','.join(impls)}", "--modes=fwd,tgmm",
+       "--shapes=tiny-mosaic", f"--impls={','.join(impls)}", f"--modes={modes}",
        "--dists=skewed", "--fused=false", "--iters=1", "--reps=1"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -96,6 +119,9 @@ def test_gmm_benchmark_tile_variants_smoke():
   assert "FAILED" not in out.stdout, out.stdout[-3000:]
   seen = {(r[2], r[3]) for r in (l.split() for l in out.stdout.splitlines())
           if r and r[0] == "tiny-mosaic"}
-  assert (impls[0], "fwd") in seen and (impls[0], "tgmm") not in seen, seen
-  if len(impls) > 1:
-    assert (impls[1], "tgmm") in seen and (impls[1], "fwd") not in seen, seen
+  for impl in impls[:2]:
+    assert (impl, "fwd") in seen and (impl, "tgmm") not in seen, seen
+  if len(impls) > 2:
+    assert (impls[0], "dx") in seen and (impls[1], "dx") in seen, seen
+    for impl in impls[2:]:
+      assert (impl, "tgmm") in seen and (impl, "fwd") not in seen, seen

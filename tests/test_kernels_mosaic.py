@@ -12,6 +12,8 @@ wait forever). The kernels refuse it there (tested), ``gmm(backend="mosaic")``
 sends those products to the Triton kernels, and the tests of the transposed
 product and of tgmm_mosaic are skipped.
 """
+import dataclasses
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -66,6 +68,18 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
      Tiles(tm=64, tn=64, stages=2, window=2, light_max=0)),
     # a 3-deep ring over 4 contraction steps (the default for K >= 4096); tail 40
     ("ring3", 200, 256, 256, [90, 0, 70], Tiles(tm=64, tn=64, stages=3)),
+    # warpgroups split by rows (64 each): groups of 10 and 3 rows and the 22-row
+    # second tile of the 150-row group have rows in one half only, so the other
+    # warpgroup skips its wgmma and its stores; the 100-row group fills both; tail 37
+    ("split_m", 300, 128, 128, [10, 100, 0, 3, 150], Tiles(tm=128, tn=64, stages=2, split="m")),
+    # the same with one wgmma group held in flight (slots released a step late)
+    ("split_m_delay", 300, 128, 128, [10, 100, 0, 3, 150],
+     Tiles(tm=128, tn=64, stages=2, split="m", delay_release=1)),
+    # 256-row tiles, 128 rows a warpgroup; the 200-row group's tile spans both halves
+    ("split_m_tm256", 300, 128, 128, [10, 200, 0, 50],
+     Tiles(tm=256, tn=64, stages=2, split="m")),
+    # column split with delayed release over 4 contraction steps through 3 slots
+    ("delay_n", 200, 256, 128, [70, 0, 50, 30], Tiles(tm=64, tn=64, stages=3, delay_release=1)),
 ]
 IDS = [c[0] for c in CASES]
 CASES = [c[1:] for c in CASES]
@@ -134,6 +148,48 @@ def test_default_tiles_fit_shared_memory(out_dtype):
     assert tgmm_mosaic.smem_bytes(tt, out_itemsize=itemsize) <= gmm_mosaic.SMEM_BUDGET, tt
   assert gmm_mosaic.default_tiles(65536, 2048, 768, 64, jnp.float32).stages == 3
   assert tgmm_mosaic.default_tiles(2048, 768, jnp.float32).stages == 3
+
+
+@pytest.mark.parametrize("tiles, match", [
+    (Tiles(split="k"), "split='k' is not one of"),
+    (Tiles(tm=64, split="m"), "32 rows, not a multiple of wgmma's 64"),
+    (Tiles(tm=256, tn=128, split="m"), "128x256 accumulator"),
+    (Tiles(stages=2, delay_release=2), r"delay_release=2 must be in \[0, stages=2\)"),
+    (Tiles(overlap=True, delay_release=1), "overlap"),
+])
+def test_bad_tiles_are_refused_by_name(tiles, match):
+  x = jnp.ones((256, 128), jnp.bfloat16)
+  w = jnp.ones((2, 128, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match=match):
+    gmm_mosaic.gmm(x, w, jnp.array([100, 156], jnp.int32), tiles=tiles, interpret=True)
+
+
+def test_split_by_rows_shares_the_columns():
+  t = Tiles(tm=128, tn=128, split="m")
+  assert (t.wg_rows, t.wg_cols) == (64, 256)
+  assert (Tiles(tm=128, tn=128).wg_rows, Tiles(tm=128, tn=128).wg_cols) == (128, 128)
+  # A row half needs half the epilogue buffer of a column half.
+  assert (gmm_mosaic.smem_bytes(Tiles(split="n")) - gmm_mosaic.smem_bytes(Tiles(split="m"))
+          == 2 * 64 * 64 * 2)
+
+
+def test_default_tiles_split_128_column_ctas_by_rows():
+  # N % 256 != 0 gives 128-column CTAs: 256 rows, one 128 x 128 half a warpgroup.
+  t = gmm_mosaic.default_tiles(65536, 2048, 1408, 64)
+  assert (t.tm, t.tn, t.split, t.wg_rows, t.wg_cols) == (256, 64, "m", 128, 128)
+  # Too few rows a group for 256-row tiles, or 256-column CTAs: split by columns.
+  assert gmm_mosaic.default_tiles(8192, 2048, 1408, 64).split == "n"
+  assert gmm_mosaic.default_tiles(65536, 2048, 768, 64).split == "n"
+
+
+def test_tgmm_default_tiles_store_one_chunk_a_warpgroup():
+  t = tgmm_mosaic.default_tiles(2048, 2048)
+  assert (t.tn, t.epi_n, t.stages, t.pipeline, t.order) == (128, 128, 3, "flat", "size")
+  assert tgmm_mosaic.default_tiles(2048, 1408).epi_n == 64 == tgmm_mosaic.default_tiles(
+      2048, 1408).tn
+  # A float32 dw keeps 64-column chunks rather than a 2-slot ring.
+  f32 = tgmm_mosaic.default_tiles(2048, 2048, jnp.float32)
+  assert (f32.epi_n, f32.stages) == (64, 3)
 
 
 def test_default_tiles_pick_the_ring_depth_by_contraction():
@@ -365,12 +421,37 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     # 4 dw row blocks in windows of 2 sweeping 4 column blocks, snaking.
     ("windows", 150, 512, 512, [40, 60, 1, 30],
      tgmm_mosaic.Tiles(tn=64, stages=2, window=2, window_from=1)),
+    # One ring across each CTA's items (2 CTAs in the interpreter, 4 to 8 items
+    # each): step counts 1 to 4 per item, not multiples of the ring depth, so
+    # slots and barrier phases carry over item boundaries at every offset.
+    ("flat_small_groups", 192, 256, 256, [10, 20, 0, 5, 130],
+     tgmm_mosaic.Tiles(tn=64, stages=3, pipeline="flat")),
+    ("flat_empty_and_tail", 200, 128, 256, [50, 0, 77, 30],
+     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
+    # one 128-column epilogue chunk a warpgroup (the default at tn = 128)
+    ("flat_one_chunk", 200, 128, 256, [50, 0, 77, 30],
+     tgmm_mosaic.Tiles(tn=128, epi_n=128, stages=2, pipeline="flat")),
+    ("flat_no_rows", 64, 128, 128, [0, 0], tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
+    ("flat_grid_fallback", 128, 128, 128, [70, 58],
+     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
+    # Groups by step count, largest first, on both pipelines.
+    ("size_order", 200, 128, 256, [10, 0, 120, 40],
+     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="per_item", order="size")),
+    ("flat_size_order", 200, 128, 256, [10, 0, 120, 40],
+     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat", order="size")),
 ]
 
 
+# The cases without "flat" or "order" in their name also run on the per-item
+# pipeline in group order (the kernel before the flat ring, kept to compare).
+TGMM_PARAMS = [pytest.param(*c[1:], id=c[0]) for c in TGMM_CASES] + [
+    pytest.param(*c[1:5], dataclasses.replace(c[5], pipeline="per_item", order="index"),
+                 id=f"{c[0]}-per_item")
+    for c in TGMM_CASES if "flat" not in c[0] and "order" not in c[0]]
+
+
 @needs_transpose
-@pytest.mark.parametrize("m, k, n, gs, tiles", [c[1:] for c in TGMM_CASES],
-                         ids=[c[0] for c in TGMM_CASES])
+@pytest.mark.parametrize("m, k, n, gs, tiles", TGMM_PARAMS)
 def test_tgmm_matches_reference(m, k, n, gs, tiles):
   rng = np.random.default_rng(m + n)
   gs = np.asarray(gs, np.int32)
@@ -383,6 +464,29 @@ def test_tgmm_matches_reference(m, k, n, gs, tiles):
   ref = _ref_tgmm(x, dy, gs)
   if gs.sum():
     assert _rel(dw, ref) < 1e-2
+
+
+def test_item_plan_orders_groups_by_steps():
+  gs = jnp.array([10, 0, 300, 64, 130], jnp.int32)
+  t = tgmm_mosaic.Tiles(order="size")
+  plan = np.asarray(tgmm_mosaic.item_plan(gs, 504, 512, t))
+  assert list(plan[:, 0]) == [2, 4, 3, 0, 1]   # 5, 3, 2, 1 and 0 steps
+  assert list(plan[:, 4]) == [5, 3, 2, 1, 0]
+  by_index = np.asarray(
+      tgmm_mosaic.item_plan(gs, 504, 512, tgmm_mosaic.Tiles(order="index")))
+  assert list(by_index[:, 0]) == [0, 1, 2, 3, 4]
+  # Same rows per group either way, only their order differs.
+  np.testing.assert_array_equal(by_index[plan[:, 0]], plan)
+
+
+@pytest.mark.parametrize("tiles, match", [
+    (tgmm_mosaic.Tiles(pipeline="ring"), "pipeline='ring' is not one of"),
+    (tgmm_mosaic.Tiles(order="random"), "order='random' is not one of"),
+])
+def test_tgmm_refuses_bad_tiles_by_name(tiles, match):
+  x = jnp.ones((64, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match=match):
+    tgmm_mosaic.tgmm(x, x, jnp.array([64]), tiles=tiles, interpret=True)
 
 
 def test_tgmm_refuses_what_it_cannot_take():
@@ -463,6 +567,17 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("tgmm", "tgmm", 1000, 256, 256, 4, None, False),
     ("tgmm_grid", "tgmm", 1024, 256, 128, 4, tgmm_mosaic.Tiles(tn=64, group_aligned=False),
      False),
+    ("gmm_split_m", "gmm", 1000, 256, 256, 4, Tiles(split="m"), False),
+    # N % 256 != 0 and 256+ rows a group: the default is tm=256 split by rows
+    ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
+    ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
+     tgmm_mosaic.Tiles(pipeline="per_item", order="index"), False),
+    ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
+    ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
+    ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
+    ("tgmm_flat", "tgmm", 1000, 256, 256, 4, tgmm_mosaic.Tiles(pipeline="flat"), False),
+    ("tgmm_flat_size", "tgmm", 1024, 256, 128, 4,
+     tgmm_mosaic.Tiles(tn=64, pipeline="flat", order="size"), False),
 ]
 
 
