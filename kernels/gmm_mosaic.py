@@ -91,6 +91,9 @@ class Tiles:
   # warpgroup that has rows: compute follows the visit's rows in steps of
   # tm / 2 instead of tm.
   split: str = "n"
+  # With split="m", whether a warpgroup whose half holds none of a visit's rows
+  # skips its wgmma (False runs it anyway: to time the row layout without the skip).
+  skip_idle: bool = True
   # Pipeline steps a consumed ring slot is held before it is released, so that a
   # warpgroup keeps this many wgmma groups in flight (wgmma_wait(delay_release))
   # instead of draining the tensor cores every step. Not with ``overlap``.
@@ -357,7 +360,7 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
           a = a_smem.at[pl.ds(pl.multiple_of(wg * t.wg_rows, t.wg_rows), t.wg_rows)]
           b = b_smem.transpose((1, 0)) if transpose_rhs else b_smem
 
-          @pl.when(my_size > 0)  # no rows in this half: leave the tensor cores be
+          @pl.when((my_size > 0) | (not t.skip_idle))  # no rows in this half: skip
           def _mma():
             plgpu.wgmma(acc_ref, a, b)
         else:

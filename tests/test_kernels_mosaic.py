@@ -75,6 +75,9 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
     # the same with one wgmma group held in flight (slots released a step late)
     ("split_m_delay", 300, 128, 128, [10, 100, 0, 3, 150],
      Tiles(tm=128, tn=64, stages=2, split="m", delay_release=1)),
+    # the same computing the halves with no rows too (the A/B control of the skip)
+    ("split_m_no_skip", 300, 128, 128, [10, 100, 0, 3, 150],
+     Tiles(tm=128, tn=64, stages=2, split="m", skip_idle=False)),
     # 256-row tiles, 128 rows a warpgroup; the 200-row group's tile spans both halves
     ("split_m_tm256", 300, 128, 128, [10, 200, 0, 50],
      Tiles(tm=256, tn=64, stages=2, split="m")),
@@ -568,6 +571,7 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("tgmm_grid", "tgmm", 1024, 256, 128, 4, tgmm_mosaic.Tiles(tn=64, group_aligned=False),
      False),
     ("gmm_split_m", "gmm", 1000, 256, 256, 4, Tiles(split="m"), False),
+    ("gmm_split_m_no_skip", "gmm", 1000, 256, 256, 4, Tiles(split="m", skip_idle=False), False),
     # N % 256 != 0 and 256+ rows a group: the default is tm=256 split by rows
     ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
     ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
