@@ -10,8 +10,8 @@ item's first steps while the compute warpgroups store the current tile, and
 groups are processed largest first (``Tiles.order="size"``).
 
 A work item is one [tko, 2 tn] output tile of one group (items ordered group by
-group, and inside a group in windows of dw row blocks that sweep the column
-blocks together: see ``Tiles.window``). It reduces over the
+group, groups in ``Tiles.order``, and inside a group in windows of dw row blocks
+that sweep the column blocks together: see ``Tiles.window``). It reduces over the
 group's rows in steps of ``tr`` rows starting at the group's first row rounded
 down to a multiple of 8 (``step_plan``; a group near the end of x whose last
 step would run past the padded rows steps on the tr grid instead). A step can
