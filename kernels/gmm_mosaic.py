@@ -135,20 +135,20 @@ def fit_stages(t: Tiles, smem_fn) -> Tiles:
 def default_tiles(m: int, k: int, n: int, num_groups: int, out_dtype=jnp.bfloat16) -> Tiles:
   tn = 128 if n % 256 == 0 else 64
   tm = 128 if m >= 128 * num_groups else 64  # few rows per group: halve the waste
+  split = "n"
   if tn == 64 and m >= 256 * num_groups:
     # 128-column CTAs: 256 rows split by rows gives each warpgroup 128 x 128, not
     # 128 x 64, and skips a half with no rows (H200: fine-1408 forward 0.617 ->
     # 0.575 ms balanced, 0.671 -> 0.632 skewed). With 256 columns the row split
     # (64 x 256 a warpgroup) measured slower: docs/benchmarks.md, sixth session.
-    return fit_stages(Tiles(tm=256, tn=64, split="m"),
-                      lambda t: smem_bytes(t, out_itemsize=jnp.dtype(out_dtype).itemsize))
+    tm, split = 256, "m"
   # A 3-deep ring measured faster for long contractions on skewed groups (dsv3,
   # K=7168: 0.68 -> 0.83 of dense) and level elsewhere at K >= 4096; shorter
   # contractions and tn=64 keep 4 (docs/benchmarks.md, third session). A float32
   # output doubles the epilogue buffers: 4 stages at tn=128 no longer fit.
   stages = 3 if k >= 4096 and tn == 128 else 4
   out_itemsize = jnp.dtype(out_dtype).itemsize
-  return fit_stages(Tiles(tm=tm, tn=tn, stages=stages),
+  return fit_stages(Tiles(tm=tm, tn=tn, stages=stages, split=split),
                     lambda t: smem_bytes(t, out_itemsize=out_itemsize))
 
 
@@ -279,8 +279,8 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
                 plgpu.SwizzleTransform(swizzle))
   cta_n = 2 * t.tn
   concurrent = min(t.stages, k_steps)
-  spec = functools.partial(plgpu.BlockSpec, transforms=transforms,
-                           delay_release=min(t.delay_release, concurrent - 1))
+  delay = min(t.delay_release, concurrent - 1)  # a short contraction has fewer slots
+  spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=delay)
   if transpose_rhs:  # rhs[g] is [N, K]: load [2tn, tk] blocks, feed wgmma transposed
     b_spec = spec((cta_n, t.tk), lambda kb: (0, kb))
   else:
@@ -360,14 +360,15 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
           a = a_smem.at[pl.ds(pl.multiple_of(wg * t.wg_rows, t.wg_rows), t.wg_rows)]
           b = b_smem.transpose((1, 0)) if transpose_rhs else b_smem
 
-          @pl.when((my_size > 0) | (not t.skip_idle))  # no rows in this half: skip
-          def _mma():
+          if t.skip_idle:
+            pl.when(my_size > 0)(lambda: plgpu.wgmma(acc_ref, a, b))  # else no rows here
+          else:
             plgpu.wgmma(acc_ref, a, b)
         else:
           cols = pl.ds(wg * t.tn, t.tn)
           b = b_smem.at[cols, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, cols]
           plgpu.wgmma(acc_ref, a_smem, b)
-        plgpu.wgmma_wait(min(t.delay_release, concurrent - 1))
+        plgpu.wgmma_wait(delay)
         return acc_ref
 
       @pl.when(group < num_groups)
