@@ -3,21 +3,22 @@ r"""Benchmark grouped matmul implementations against a dense matmul of equal FLO
   python -m experiments.benchmark_gmm                 # table of fwd / fwd+bwd
   python -m experiments.benchmark_gmm --check         # correctness on the device first
   python -m experiments.benchmark_gmm --autotune      # measure tile candidates, write the table
+  python -m experiments.benchmark_gmm --torch         # torch._grouped_mm on the same shapes
 
 For every shape (M, K, N, E) and group-size distribution (balanced, skewed) it
 prints each implementation's median time, TF/s and ratio = dense time / its
 time, where "dense" is jnp.dot of x[M, K] @ w[K, N] (same FLOPs) timed in the
-same run. fwd+bwd is y, dx and dw (three matmuls' worth of FLOPs).
+same run. fwd+bwd is y, dx and dw (three matmuls' worth of FLOPs). Shapes, inputs
+and timing live in ``gmm_common``, the autotuner in ``gmm_autotune``, the torch
+comparison in ``gmm_torch`` and tile-variant names in ``tile_variants``.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -47,27 +48,14 @@ _import_kernels()
 from moe_kernels import fused  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import gmm as gmm_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import gmm_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
-from moe_kernels import gmm_triton  # noqa: E402  pylint: disable=g-import-not-at-top
-from moe_kernels import tuning  # noqa: E402  pylint: disable=g-import-not-at-top
 from moe_kernels import tgmm_mosaic  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import gmm_autotune  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import gmm_common  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments import gmm_torch  # noqa: E402  pylint: disable=g-import-not-at-top
+from experiments.gmm_common import (  # noqa: E402  pylint: disable=g-import-not-at-top
+    SHAPES, group_sizes, make_inputs, rel_err)
 from experiments.tile_variants import (  # noqa: E402  pylint: disable=g-import-not-at-top
     GMM_FIELDS, GMM_REQUIRED, TGMM_FIELDS, TGMM_REQUIRED, variant_tiles)
-
-SHAPES = {
-    "llama-ish": (32768, 4096, 3584, 8),
-    "fine-768": (65536, 2048, 768, 64),
-    "fine-1408": (65536, 2048, 1408, 64),
-    "dsv3": (131072, 7168, 2048, 256),
-    "decode": (256, 4096, 1024, 64),
-    # The whole-layer benchmark's products (gate and up as one [d, 2f] matmul):
-    "mixtral-up": (16384, 4096, 14336, 8),
-    "mixtral-gate-up": (16384, 4096, 28672, 8),
-    "mixtral-down": (16384, 14336, 4096, 8),
-    "fine-gate-up": (131072, 2048, 1536, 64),
-    "fine-down": (131072, 768, 2048, 64),
-    "tiny": (200, 64, 96, 4),  # CPU smoke tests with --interpret (off the Mosaic grid)
-    "tiny-mosaic": (200, 128, 256, 4),
-}
 
 _SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "dsv3", "decode"],
                             f"names from {sorted(SHAPES)}")
@@ -98,32 +86,10 @@ _FUSED = flags.DEFINE_bool("fused", True, "also time the fused gather / combine 
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke test)")
 
 
-def group_sizes(m: int, e: int, dist: str, seed: int = 0) -> np.ndarray:
-  if dist == "balanced":
-    sizes = np.full(e, m // e)
-    sizes[: m - sizes.sum()] += 1
-    return sizes.astype(np.int32)
-  rng = np.random.default_rng(seed)
-  # Dirichlet(0.3): a few hot experts, some nearly empty (as routers early in training).
-  p = rng.dirichlet(np.full(e, 0.3))
-  sizes = np.floor(p * m).astype(np.int64)
-  sizes[np.argmax(sizes)] += m - sizes.sum()
-  return sizes.astype(np.int32)
-
-
 def bench(fn, *args, iters=None, reps=None, warm=True) -> float:
-  """Median seconds per call; calls queued back to back, one sync per sample."""
-  iters = iters or _ITERS.value
-  if warm:
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(reps or _REPS.value):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / iters)
-  return statistics.median(samples)
+  """gmm_common.bench with the --iters and --reps defaults."""
+  return gmm_common.bench(fn, *args, iters=iters or _ITERS.value, reps=reps or _REPS.value,
+                          warm=warm)
 
 
 def bench_pair(base, base_args, fn, args, iters=None, reps=None):
@@ -250,20 +216,6 @@ def fwdbwd(f):
     dx, dw = vjp(dy)
     return y, dx, dw
   return run
-
-
-def make_inputs(m, k, n, e, dtype, seed=0):
-  kx, kw, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
-  x = jax.random.normal(kx, (m, k), dtype)
-  w = (jax.random.normal(kw, (e, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
-  dy = jax.random.normal(kd, (m, n), dtype)
-  return x, w, dy
-
-
-def rel_err(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def check(log):
@@ -483,144 +435,6 @@ def run_fused(log, sname, x, w, dy, e, dense_f, wd):
       print(json.dumps(row), flush=True)
 
 
-GMM_CANDIDATES = [
-    tuning.Config(128, 256, 64, 8, 4, 8), tuning.Config(128, 256, 64, 8, 4, 4),
-    tuning.Config(128, 256, 64, 8, 4, 16), tuning.Config(128, 256, 64, 8, 4, 32),
-    tuning.Config(128, 256, 64, 8, 3, 16), tuning.Config(256, 128, 64, 8, 4, 8),
-    tuning.Config(128, 256, 32, 8, 6, 8), tuning.Config(128, 256, 32, 8, 8, 8),
-]
-DECODE_CANDIDATES = [
-    tuning.Config(64, 128, 64, 4, 4), tuning.Config(64, 128, 128, 4, 4),
-    tuning.Config(64, 64, 128, 4, 5), tuning.Config(16, 128, 128, 4, 4),
-    tuning.Config(32, 64, 256, 4, 4), tuning.Config(16, 64, 256, 4, 5),
-]
-TGMM_CANDIDATES = [
-    tuning.Config(64, 256, 128, 8, 3), tuning.Config(64, 256, 128, 8, 4),
-    tuning.Config(32, 256, 128, 8, 4), tuning.Config(64, 256, 64, 8, 4),
-    tuning.Config(128, 256, 64, 8, 3), tuning.Config(64, 128, 256, 8, 3),
-]
-DECODE_TGMM_CANDIDATES = [
-    tuning.Config(32, 128, 128, 4, 3), tuning.Config(16, 128, 128, 4, 3),
-    tuning.Config(16, 64, 128, 4, 3), tuning.Config(32, 64, 64, 4, 3),
-]
-
-
-def _load_table():
-  try:
-    ns = {}
-    exec(pathlib.Path(_TABLE_OUT.value).read_text(), ns)  # pylint: disable=exec-used
-    return dict(ns.get("TABLE", {}))
-  except FileNotFoundError:
-    return {}
-
-
-def autotune(log):
-  dtype = jnp.dtype(_DTYPE.value)
-  table = _load_table()  # merge: entries not re-measured stay
-  for sname in _SHAPES.value:
-    m, k, n, e = SHAPES[sname]
-    x, w, dy = make_inputs(m, k, n, e, dtype)
-    gs = jnp.asarray(group_sizes(m, e, _TUNE_DIST.value))
-    wt = jnp.swapaxes(w, 1, 2)
-    decode = tuning.rows_class(m, e) < 64
-    gmm_c = DECODE_CANDIDATES if decode else GMM_CANDIDATES
-    if _CANDIDATES.value:
-      gmm_c = [tuning.Config(*map(int, c.split("/"))) for c in _CANDIDATES.value]
-    tgmm_c = DECODE_TGMM_CANDIDATES if decode else TGMM_CANDIDATES
-    jobs = {
-        tuning.key("gmm", m, k, n, e, dtype): (gmm_c, lambda c: jax.jit(
-            lambda a, b, g: gmm_triton.gmm(a, b, g, tiles=c.tiles, num_warps=c.num_warps,
-                                           num_stages=c.num_stages,
-                                           interpret=_INTERPRET.value)), (x, w, gs)),
-        tuning.key("gmm", m, n, k, e, dtype): (gmm_c, lambda c: jax.jit(
-            lambda a, b, g: gmm_triton.gmm(a, b, g, transpose_rhs=True, tiles=c.tiles,
-                                           num_warps=c.num_warps,
-                                           num_stages=c.num_stages,
-                                           interpret=_INTERPRET.value)), (dy, wt, gs)),
-        tuning.key("tgmm", m, k, n, e, dtype): (tgmm_c, lambda c: jax.jit(
-            lambda a, b, g: gmm_triton.tgmm(a, b, g, tiles=c.tiles, num_warps=c.num_warps,
-                                            num_stages=c.num_stages,
-                                            interpret=_INTERPRET.value)), (x, dy, gs)),
-    }
-    for key, (cands, make, args) in jobs.items():
-      if key.split(":")[0] not in _TUNE_OPS.value:
-        continue
-      best = None
-      incumbent = tuning.Config(*table[key]) if key in table else None
-      if incumbent is not None and incumbent not in cands:
-        cands = [incumbent, *cands]
-      t_incumbent = None
-      for c in cands:
-        try:
-          t = bench(make(c), *args, iters=_ITERS.value, reps=5)
-        except Exception as exc:  # pylint: disable=broad-except
-          print(f"autotune {key} {c}: failed {type(exc).__name__}", flush=True)
-          continue
-        log.append(dict(kind="autotune", key=key, config=c.as_tuple(), ms=t * 1e3))
-        print(f"autotune {key} {c.as_tuple()} {t * 1e3:.3f} ms", flush=True)
-        if c == incumbent:
-          t_incumbent = t
-        if best is None or t < best[0]:
-          best = (t, c)
-      # Timing noise is a few percent: replace a table entry only for a clear win.
-      if best is not None and (t_incumbent is None or best[0] < 0.97 * t_incumbent):
-        table[key] = best[1].as_tuple()
-    _write_table(table)  # after every shape, so a cut-off run keeps what it measured
-
-
-def _write_table(table):
-  lines = ['"""Measured tile table; regenerate with `python -m experiments.benchmark_gmm --autotune`."""',
-           f"# device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
-           f"{time.strftime('%Y-%m-%d', time.gmtime())}",
-           "# key: \"op:dtype:r<rows per group class>:k<K>:n<N>\" -> (tm, tn, tk, num_warps, num_stages[, group_m])",
-           "TABLE = {"]
-  lines += [f"    {k!r}: {v!r}," for k, v in sorted(table.items())]
-  lines.append("}")
-  pathlib.Path(_TABLE_OUT.value).write_text("\n".join(lines) + "\n")
-  print(f"wrote {len(table)} entries to {_TABLE_OUT.value}", flush=True)
-
-
-def run_torch(log):
-  """torch._grouped_mm and torch.mm (dense) on the same shapes, in a torch-only process."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import triton.testing  # pylint: disable=g-import-not-at-top
-  dev = "cuda"
-  for sname in _SHAPES.value:
-    m, k, n, e = SHAPES[sname]
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    # _grouped_mm wants the 3-D operand column-major in its last two dims.
-    w = (torch.randn(e, n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5).transpose(1, 2)
-    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-    wd = w[0].contiguous()
-    t_dense = triton.testing.do_bench(lambda: torch.mm(x, wd), return_mode="median") / 1e3
-    flops = 2.0 * m * k * n
-    for dist in _DISTS.value:
-      offs = torch.tensor(np.cumsum(group_sizes(m, e, dist)), device=dev, dtype=torch.int32)
-      xg = x.detach().requires_grad_(True)
-      wg = w.detach().requires_grad_(True)
-
-      def fwd():
-        return torch._grouped_mm(xg, wg, offs=offs)  # pylint: disable=protected-access
-
-      def fwdbwd():
-        y = fwd()
-        return torch.autograd.grad(y, (xg, wg), dy)
-
-      for mode, fn, mult in (("fwd", fwd, 1), ("fwdbwd", fwdbwd, 3)):
-        try:
-          t = triton.testing.do_bench(fn, return_mode="median") / 1e3
-        except Exception as exc:  # pylint: disable=broad-except
-          print(f"FAILED torch {sname} {dist} {mode}: {exc!r}"[:500], flush=True)
-          continue
-        row = dict(kind="bench", shape=sname, mkne=(m, k, n, e), dist=dist,
-                   impl="torch_grouped_mm", mode=mode, ms=t * 1e3,
-                   tflops=mult * flops / t / 1e12, ratio=mult * t_dense / t)
-        log.append(row)
-        print(json.dumps(row), flush=True)
-    log.append(dict(kind="bench", shape=sname, mkne=(m, k, n, e), dist="-", impl="torch_dense",
-                    mode="fwd", ms=t_dense * 1e3, tflops=flops / t_dense / 1e12, ratio=1.0))
-
-
 def print_table(log):
   rows = [r for r in log if r["kind"] == "bench"]
   device = "torch" if _TORCH.value else jax.devices()[0].device_kind
@@ -644,9 +458,12 @@ def main(argv):
     check(log)
     check_fused(log)
   if _TORCH.value:
-    run_torch(log)
+    gmm_torch.run_torch(log, _SHAPES.value, _DISTS.value)
   elif _AUTOTUNE.value:
-    autotune(log)
+    gmm_autotune.autotune(log, shapes=_SHAPES.value, dtype=_DTYPE.value,
+                          tune_dist=_TUNE_DIST.value, tune_ops=_TUNE_OPS.value,
+                          candidates=_CANDIDATES.value, table_out=_TABLE_OUT.value,
+                          iters=_ITERS.value, interpret=_INTERPRET.value)
   else:
     run_bench(log)
   if _JSON_OUT.value:

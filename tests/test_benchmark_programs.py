@@ -125,3 +125,21 @@ def test_gmm_benchmark_tile_variants_smoke():
     assert (impls[0], "dx") in seen and (impls[1], "dx") in seen, seen
     for impl in impls[2:]:
       assert (impl, "tgmm") in seen and (impl, "fwd") not in seen, seen
+
+
+def test_gmm_autotune_writes_the_table(tmp_path):
+  # Triton kernels in interpret mode; one gmm candidate, so it must win both gmm keys.
+  table_out = tmp_path / "table.py"
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret", "--autotune",
+       "--shapes=tiny", "--tune_ops=gmm,tgmm", "--candidates=64/64/32/4/2", "--iters=1",
+       f"--table_out={table_out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  ns = {}
+  exec(table_out.read_text(), ns)  # pylint: disable=exec-used
+  table = ns["TABLE"]
+  assert table["gmm:bfloat16:r64:k64:n96"][:5] == (64, 64, 32, 4, 2)   # forward
+  assert table["gmm:bfloat16:r64:k96:n64"][:5] == (64, 64, 32, 4, 2)   # input gradient
+  assert "tgmm:bfloat16:r64:k64:n96" in table
