@@ -424,9 +424,9 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     # 4 dw row blocks in windows of 2 sweeping 4 column blocks, snaking.
     ("windows", 150, 512, 512, [40, 60, 1, 30],
      tgmm_mosaic.Tiles(tn=64, stages=2, window=2, window_from=1)),
-    # One ring across each CTA's items (2 CTAs in the interpreter, 4 to 8 items
-    # each): step counts 1 to 4 per item, not multiples of the ring depth, so
-    # slots and barrier phases carry over item boundaries at every offset.
+    # One ring across each CTA's items (2 CTAs in the interpreter, 10 items each):
+    # 0, 1 or 3 steps per item, not multiples of the ring depth, so slots and
+    # barrier phases carry over item boundaries at every offset.
     ("flat_small_groups", 192, 256, 256, [10, 20, 0, 5, 130],
      tgmm_mosaic.Tiles(tn=64, stages=3, pipeline="flat")),
     ("flat_empty_and_tail", 200, 128, 256, [50, 0, 77, 30],
@@ -445,8 +445,9 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
 ]
 
 
-# The cases without "flat" or "order" in their name also run on the per-item
-# pipeline in group order (the kernel before the flat ring, kept to compare).
+# Cases that name no pipeline run on the default (flat ring, size order); those
+# without "flat" or "order" in their name run again on the per-item pipeline in
+# group order (the kernel before the flat ring, kept to compare).
 TGMM_PARAMS = [pytest.param(*c[1:], id=c[0]) for c in TGMM_CASES] + [
     pytest.param(*c[1:5], dataclasses.replace(c[5], pipeline="per_item", order="index"),
                  id=f"{c[0]}-per_item")
@@ -579,9 +580,6 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
     ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
     ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
-    ("tgmm_flat", "tgmm", 1000, 256, 256, 4, tgmm_mosaic.Tiles(pipeline="flat"), False),
-    ("tgmm_flat_size", "tgmm", 1024, 256, 128, 4,
-     tgmm_mosaic.Tiles(tn=64, pipeline="flat", order="size"), False),
 ]
 
 
