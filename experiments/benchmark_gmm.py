@@ -8,7 +8,8 @@ r"""Benchmark grouped matmul implementations against a dense matmul of equal FLO
 For every shape (M, K, N, E) and group-size distribution (balanced, skewed) it
 prints each implementation's median time, TF/s and ratio = dense time / its
 time, where "dense" is jnp.dot of x[M, K] @ w[K, N] (same FLOPs) timed in the
-same run. fwd+bwd is y, dx and dw (three matmuls' worth of FLOPs). Shapes, inputs
+same run (``--baseline=first``: the first of --impls, timed alternately with each,
+for an A/B of kernel variants). fwd+bwd is y, dx and dw (three matmuls' worth of FLOPs). Shapes, inputs
 and timing live in ``gmm_common``, the autotuner in ``gmm_autotune``, the torch
 comparison in ``gmm_torch`` and tile-variant names in ``tile_variants``.
 """
@@ -69,6 +70,11 @@ _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic", "pallas_triton", "ragged_d
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwdbwd"],
                            "fwd, fwdbwd, tgmm (the weight-gradient kernel alone) and/or "
                            "dx (the input-gradient product alone, Mosaic kernels)")
+_BASELINE = flags.DEFINE_enum(
+    "baseline", "dense", ["dense", "first"],
+    "what the ratio column divides: the dense matmul of equal FLOPs, or the first of "
+    "--impls that has the mode (an A/B of variants: each timed alternately with it; "
+    "ratio > 1 is faster than it)")
 _ITERS = flags.DEFINE_integer("iters", 20, "calls per timing sample")
 _REPS = flags.DEFINE_integer("reps", 5, "timing samples (median taken)")
 _CHECK = flags.DEFINE_bool("check", False, "check correctness before timing")
@@ -315,6 +321,26 @@ def check_fused(log):
       print(json.dumps(row), flush=True)
 
 
+def timed_call(impl, mode, x, w, dy, gs):
+  """(jitted function, its arguments) that time ``impl`` in ``mode``; None where
+  the impl has no such kernel."""
+  if impl in ("pallas_dense", "pallas_e1") and mode != "fwd":
+    return None
+  if impl.startswith("pallas_mosaic@") and mode not in ("fwd", "dx"):
+    return None
+  if impl.startswith("tgmm_mosaic@") and mode != "tgmm":
+    return None
+  if mode == "tgmm":
+    fn = tgmm_fn(impl)
+    return fn and (jax.jit(fn), (x, dy, gs))
+  if mode == "dx":
+    fn = dx_fn(impl)
+    return fn and (jax.jit(fn), (dy, w, gs))
+  if mode == "fwd":
+    return jax.jit(impl_fn(impl)), (x, w, gs)
+  return jax.jit(fwdbwd(impl_fn(impl))), (x, w, gs, dy)
+
+
 def run_bench(log):
   dtype = jnp.dtype(_DTYPE.value)
   for sname in _SHAPES.value:
@@ -340,32 +366,25 @@ def run_bench(log):
       print(json.dumps(row), flush=True)
     for dist in _DISTS.value:
       gs = jnp.asarray(group_sizes(m, e, dist))
+      firsts = {}  # mode -> the first impl's call (--baseline=first)
       for impl in _IMPLS.value:
         if impl == "ragged_dot" and e > _RAGGED_MAX_E.value:
           continue  # XLA pads ragged_dot to E dense matmuls: minutes per shape
         slow = dict(iters=3, reps=3) if impl == "ragged_dot" else {}
         for mode in _MODES.value:
-          if impl in ("pallas_dense", "pallas_e1") and (mode != "fwd" or dist != "balanced"):
+          if impl in ("pallas_dense", "pallas_e1") and dist != "balanced":
             continue
-          if impl.startswith("pallas_mosaic@") and mode not in ("fwd", "dx"):
+          call = timed_call(impl, mode, x, w, dy, gs)
+          if call is None:
             continue
-          if impl.startswith("tgmm_mosaic@") and mode != "tgmm":
-            continue
-          fn = impl_fn(impl) if mode not in ("tgmm", "dx") else None
-          if mode == "tgmm" and tgmm_fn(impl) is None:
-            continue
-          if mode == "dx" and dx_fn(impl) is None:
-            continue
+          base = (dense_f, (x, wd))
+          if _BASELINE.value == "first":
+            if mode not in firsts:
+              firsts[mode] = timed_call(_IMPLS.value[0], mode, x, w, dy, gs) or base
+            base = call if impl == _IMPLS.value[0] else firsts[mode]
           try:
-            if mode == "tgmm":
-              _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(tgmm_fn(impl)), (x, dy, gs))
-            elif mode == "dx":
-              _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(dx_fn(impl)), (dy, w, gs))
-            elif mode == "fwd":
-              _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(fn), (x, w, gs), **slow)
-            else:
-              _, t, ratio = bench_pair(dense_f, (x, wd), jax.jit(fwdbwd(fn)),
-                                       (x, w, gs, dy), **slow)
+            _, t, ratio = bench_pair(*base, *call, **slow)
+            if mode == "fwdbwd" and base[0] is dense_f:
               ratio *= 3
           except Exception as exc:  # pylint: disable=broad-except
             print(f"FAILED {sname} {dist} {impl} {mode}: {exc!r}"[:2000], flush=True)
@@ -439,6 +458,8 @@ def print_table(log):
   rows = [r for r in log if r["kind"] == "bench"]
   device = "torch" if _TORCH.value else jax.devices()[0].device_kind
   print(f"\ndevice: {device}  jax {jax.__version__}  dtype {_DTYPE.value}")
+  if _BASELINE.value == "first" and not _TORCH.value:
+    print(f"ratio: {_IMPLS.value[0]}'s time / the impl's, timed alternately")
   print(f"{'shape':10s} {'dist':8s} {'impl':14s} {'mode':6s} {'ms':>9s} {'TF/s':>7s} {'ratio':>6s}")
   for r in rows:
     print(f"{r['shape']:10s} {r['dist']:8s} {r['impl']:14s} {r['mode']:6s} "

@@ -14,6 +14,11 @@ SHAPES = {
     "fine-1408": (65536, 2048, 1408, 64),
     "dsv3": (131072, 7168, 2048, 256),
     "decode": (256, 4096, 1024, 64),
+    # dsv3 with 128, 256 and 1024 rows a group when balanced (dsv3 has 512): the
+    # weight gradient's cost per item against its steps per item.
+    "dsv3-r128": (32768, 7168, 2048, 256),
+    "dsv3-r256": (65536, 7168, 2048, 256),
+    "dsv3-r1024": (262144, 7168, 2048, 256),
     # The whole-layer benchmark's products (gate and up as one [d, 2f] matmul):
     "mixtral-up": (16384, 4096, 14336, 8),
     "mixtral-gate-up": (16384, 4096, 28672, 8),

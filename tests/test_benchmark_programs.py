@@ -112,11 +112,12 @@ def test_gmm_benchmark_tile_variants_smoke():
   out = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret",
        "--shapes=tiny-mosaic", f"--impls={','.join(impls)}", f"--modes={modes}",
-       "--dists=skewed", "--fused=false", "--iters=1", "--reps=1"],
+       "--dists=skewed", "--fused=false", "--iters=1", "--reps=1", "--baseline=first"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   assert "FAILED" not in out.stdout, out.stdout[-3000:]
+  assert f"ratio: {impls[0]}'s time" in out.stdout
   seen = {(r[2], r[3]) for r in (l.split() for l in out.stdout.splitlines())
           if r and r[0] == "tiny-mosaic"}
   for impl in impls[:2]:
@@ -125,6 +126,21 @@ def test_gmm_benchmark_tile_variants_smoke():
     assert (impls[0], "dx") in seen and (impls[1], "dx") in seen, seen
     for impl in impls[2:]:
       assert (impl, "tgmm") in seen and (impl, "fwd") not in seen, seen
+
+
+def test_ptxas_report_compiles_each_variant(tmp_path):
+  # On CPU the kernels run in the interpreter (no ptxas): this checks the variant
+  # names, the child processes and the dump folders, not ptxas's own lines.
+  impls = ["pallas_mosaic@tm=64/tn=64/stages=2", "pallas_mosaic@tm=128/tn=64/stages=2/split=m"]
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.ptxas_report", "--interpret", "--shape=tiny-mosaic",
+       "--rows=200", f"--impls={','.join(impls)}", f"--out={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  for impl in impls:
+    assert f"== {impl} (tiny-mosaic, fwd): rc 0" in out.stdout, out.stdout
+  assert len(list(tmp_path.glob("*/stdout_stderr.txt"))) == 2
 
 
 def test_gmm_autotune_writes_the_table(tmp_path):

@@ -1,0 +1,100 @@
+r"""What ptxas says about Mosaic GPU kernel variants: registers, spills, warnings.
+
+Compiles each named variant (``pallas_mosaic``, ``pallas_mosaic@field=value/...``,
+``tgmm_mosaic`` or ``tgmm_mosaic@...``, as in ``benchmark_gmm``) once at one shape, in a
+subprocess with Mosaic GPU's ptxas dump on, and prints the lines that matter for
+speed: register use, spills, and warnings such as wgmma serialization (ptxas
+makes each wgmma wait for the previous one when it cannot prove the accumulator
+registers safe, which costs the overlap the kernels are built on).
+
+    python -m experiments.ptxas_report --shape=dsv3 \
+        --impls=pallas_mosaic,pallas_mosaic@split=m,pallas_mosaic@split=m/skip_idle=0
+
+Needs a Hopper GPU. Full dumps go under --out (default $OUT/ptxas or /tmp/ptxas).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+_SHAPE = flags.DEFINE_string("shape", "dsv3", "a shape name from gmm_common.SHAPES")
+_IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic"], "kernel variants, named as in benchmark_gmm")
+_MODE = flags.DEFINE_string("mode", "fwd", "fwd, dx (pallas_mosaic names) or tgmm (tgmm_mosaic names)")
+_ROWS = flags.DEFINE_integer("rows", 8192, "M to compile at (the code does not depend on it)")
+_OUT = flags.DEFINE_string("out", "", "dump folder (default $OUT/ptxas or /tmp/ptxas)")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke test)")
+_CHILD = flags.DEFINE_string("child", "", "internal: compile this one impl and exit")
+
+INTERESTING = re.compile(r"warning|wgmma|spill|registers|serializ|stack frame", re.I)
+
+
+def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
+  from moe_kernels import tgmm_mosaic  # pylint: disable=g-import-not-at-top
+  from experiments import tile_variants as tv  # pylint: disable=g-import-not-at-top
+  from experiments.gmm_common import SHAPES  # pylint: disable=g-import-not-at-top
+  _, k, n, e = SHAPES[shape]
+  m = rows
+  bf16 = jnp.bfloat16
+  gs = jnp.full((e,), m // e, jnp.int32)
+  if mode == "tgmm":
+    tiles = tgmm_mosaic.default_tiles(k, n)
+    if "@" in impl:
+      tiles = tv.variant_tiles(impl, tgmm_mosaic.Tiles, tv.TGMM_FIELDS, tv.TGMM_REQUIRED, tiles)
+    fn = functools.partial(tgmm_mosaic.tgmm, tiles=tiles, interpret=interpret)
+    args = (jnp.ones((m, k), bf16), jnp.ones((m, n), bf16), gs)
+  else:  # fwd: x[M, K] @ w[g]; dx: dy[M, N] @ w[g]^T with w[E, K, N]
+    kk, nn = (n, k) if mode == "dx" else (k, n)
+    tiles = gmm_mosaic.default_tiles(m, kk, nn, e)
+    if "@" in impl:
+      tiles = tv.variant_tiles(impl, gmm_mosaic.Tiles, tv.GMM_FIELDS, tv.GMM_REQUIRED, tiles)
+    fn = functools.partial(gmm_mosaic.gmm, tiles=tiles, transpose_rhs=mode == "dx",
+                           interpret=interpret)
+    args = (jnp.ones((m, kk), bf16), jnp.ones((e, k, n), bf16), gs)
+  jax.block_until_ready(jax.jit(fn)(*args))
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    _compile(_CHILD.value, _SHAPE.value, _MODE.value, _ROWS.value, _INTERPRET.value)
+    return
+  out = pathlib.Path(_OUT.value or os.path.join(os.environ.get("OUT", "/tmp"), "ptxas"))
+  for impl in _IMPLS.value:
+    folder = out / re.sub(r"[^A-Za-z0-9_.-]", "_", impl)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=str(folder))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.ptxas_report", f"--child={impl}",
+         f"--shape={_SHAPE.value}", f"--mode={_MODE.value}", f"--rows={_ROWS.value}",
+         f"--interpret={_INTERPRET.value}"],
+        env=env, capture_output=True, text=True, check=False)
+    (folder / "stdout_stderr.txt").write_text(proc.stdout + proc.stderr)
+    lines = []
+    for dumped in sorted(folder.glob("*")):
+      # Mosaic dumps every stage (MLIR, PTX, ...); keep ptxas's report and the
+      # resource summary, drop the rest (large, and not what this report is for).
+      if dumped.suffix in (".ptxas",) or dumped.name.endswith(".resources.txt"):
+        lines += dumped.read_text(errors="replace").splitlines()
+      elif dumped.name != "stdout_stderr.txt":
+        dumped.unlink()
+    hits = [ln.strip() for ln in lines if INTERESTING.search(ln)]
+    print(f"== {impl} ({_SHAPE.value}, {_MODE.value}): rc {proc.returncode}, "
+          f"{len(hits)} lines of note")
+    if proc.returncode:
+      print("  failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+    for ln in hits[:40]:
+      print("  " + ln[:200])
+
+
+if __name__ == "__main__":
+  app.run(main)
