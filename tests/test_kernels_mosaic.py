@@ -437,6 +437,10 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     ("flat_no_rows", 64, 128, 128, [0, 0], tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
     ("flat_grid_fallback", 128, 128, 128, [70, 58],
      tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
+    # Each step also prefetches the same step of the CTA's next item into L2
+    # (a no-op in the interpreter: this checks the rest of the kernel is unchanged).
+    ("flat_l2_prefetch", 192, 256, 256, [10, 20, 0, 5, 130],
+     tgmm_mosaic.Tiles(tn=64, stages=3, l2_prefetch=True)),
     # Groups by step count, largest first, on both pipelines.
     ("size_order", 200, 128, 256, [10, 0, 120, 40],
      tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="per_item", order="size")),
@@ -486,6 +490,8 @@ def test_item_plan_orders_groups_by_steps():
 @pytest.mark.parametrize("tiles, match", [
     (tgmm_mosaic.Tiles(pipeline="ring"), "pipeline='ring' is not one of"),
     (tgmm_mosaic.Tiles(order="random"), "order='random' is not one of"),
+    (tgmm_mosaic.Tiles(tn=64, pipeline="per_item", l2_prefetch=True),
+     "l2_prefetch needs pipeline='flat'"),
 ])
 def test_tgmm_refuses_bad_tiles_by_name(tiles, match):
   x = jnp.ones((64, 128), jnp.bfloat16)
@@ -575,6 +581,7 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm_split_m_no_skip", "gmm", 1000, 256, 256, 4, Tiles(split="m", skip_idle=False), False),
     # N % 256 != 0 and 256+ rows a group: the default is tm=256 split by rows
     ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
+    ("tgmm_l2_prefetch", "tgmm", 1000, 256, 256, 4, tgmm_mosaic.Tiles(l2_prefetch=True), False),
     ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
      tgmm_mosaic.Tiles(pipeline="per_item", order="index"), False),
     ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),

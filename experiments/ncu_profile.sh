@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Nsight Compute profile of one Mosaic kernel variant (Firecracker GPU machines):
+#   bash experiments/ncu_profile.sh MODE IMPL SHAPE ROWS
+# e.g. bash experiments/ncu_profile.sh tgmm tgmm_mosaic dsv3 131072
+# Compiles and runs the variant once (experiments.ptxas_report's child, balanced
+# groups) under ncu's full set, then writes the per-kernel details and the
+# per-SASS-instruction source page (stall samples) as CSV under $OUT.
+set -uo pipefail
+mode="$1"; impl="$2"; shape="$3"; rows="$4"
+out="${OUT:-/tmp/ncu}"
+mkdir -p "$out" /tmp/alias
+ln -sfn "$PWD/kernels" /tmp/alias/moe_kernels
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:/tmp/alias"
+ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+echo "ncu: $ncu_bin"
+"$ncu_bin" --clock-control none --kernel-name regex:mosaic --launch-count 1 --set full \
+  --import-source no -f -o /tmp/prof \
+  python3 -m experiments.ptxas_report --child="$impl" --mode="$mode" --shape="$shape" \
+  --rows="$rows" > "$out/ncu_run.log" 2>&1
+echo "ncu rc $?"; tail -5 "$out/ncu_run.log"
+"$ncu_bin" -i /tmp/prof.ncu-rep --page details --csv > "$out/details.csv" 2>&1
+"$ncu_bin" -i /tmp/prof.ncu-rep --page source --csv --print-source sass > "$out/source.csv" 2>&1
+wc -c "$out"/*.csv
+grep -i "duration\|warp cycles per issued\|stall\|issued ipc\|throughput" "$out/details.csv" | head -40
