@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of one Mosaic kernel variant (Firecracker GPU machines):
-#   bash experiments/ncu_profile.sh MODE IMPL SHAPE ROWS
+#   bash experiments/ncu_profile.sh MODE IMPL SHAPE ROWS [DIST]
 # e.g. bash experiments/ncu_profile.sh tgmm tgmm_mosaic dsv3 131072
-# Compiles and runs the variant once (experiments.ptxas_report's child, balanced
-# groups) under ncu's full set, then writes the per-kernel details and the
+#      bash experiments/ncu_profile.sh fwd pallas_mosaic@split=m dsv3 131072 skewed
+# Compiles and runs the variant once (experiments.ptxas_report's child; DIST is
+# balanced by default, or skewed) under ncu's full set, then writes the per-kernel details and the
 # per-SASS-instruction source page (stall samples) as CSV under $OUT.
 set -uo pipefail
-mode="$1"; impl="$2"; shape="$3"; rows="$4"
+mode="$1"; impl="$2"; shape="$3"; rows="$4"; dist="${5:-balanced}"
 out="${OUT:-/tmp/ncu}"
 mkdir -p "$out" /tmp/alias
 ln -sfn "$PWD/kernels" /tmp/alias/moe_kernels
@@ -16,7 +17,7 @@ echo "ncu: $ncu_bin"
 "$ncu_bin" --clock-control none --kernel-name regex:mosaic --launch-count 1 --set full \
   --import-source no -f -o /tmp/prof \
   python3 -m experiments.ptxas_report --child="$impl" --mode="$mode" --shape="$shape" \
-  --rows="$rows" > "$out/ncu_run.log" 2>&1
+  --rows="$rows" --dist="$dist" > "$out/ncu_run.log" 2>&1
 echo "ncu rc $?"; tail -5 "$out/ncu_run.log"
 "$ncu_bin" -i /tmp/prof.ncu-rep --page details --csv > "$out/details.csv" 2>&1
 "$ncu_bin" -i /tmp/prof.ncu-rep --page source --csv --print-source sass > "$out/source.csv" 2>&1

@@ -29,23 +29,26 @@ _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic"], "kernel variants, named a
 _MODE = flags.DEFINE_string("mode", "fwd", "fwd, dx (pallas_mosaic names) or tgmm (tgmm_mosaic names)")
 _ROWS = flags.DEFINE_integer("rows", 8192, "M to compile at (the code does not depend on it)")
 _OUT = flags.DEFINE_string("out", "", "dump folder (default $OUT/ptxas or /tmp/ptxas)")
+_DIST = flags.DEFINE_enum("dist", "balanced", ["balanced", "skewed"],
+                          "group sizes of the compiled call (gmm_common.group_sizes)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke test)")
 _CHILD = flags.DEFINE_string("child", "", "internal: compile this one impl and exit")
 
 INTERESTING = re.compile(r"warning|wgmma|spill|registers|serializ|stack frame", re.I)
 
 
-def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool) -> None:
+def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool,
+             dist: str = "balanced") -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
   from moe_kernels import tgmm_mosaic  # pylint: disable=g-import-not-at-top
   from experiments import tile_variants as tv  # pylint: disable=g-import-not-at-top
-  from experiments.gmm_common import SHAPES  # pylint: disable=g-import-not-at-top
+  from experiments.gmm_common import SHAPES, group_sizes  # pylint: disable=g-import-not-at-top
   _, k, n, e = SHAPES[shape]
   m = rows
   bf16 = jnp.bfloat16
-  gs = jnp.full((e,), m // e, jnp.int32)
+  gs = jnp.asarray(group_sizes(m, e, dist))
   if mode == "tgmm":
     tiles = tgmm_mosaic.default_tiles(k, n)
     if "@" in impl:
@@ -66,7 +69,8 @@ def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool) -> No
 def main(argv):
   del argv
   if _CHILD.value:
-    _compile(_CHILD.value, _SHAPE.value, _MODE.value, _ROWS.value, _INTERPRET.value)
+    _compile(_CHILD.value, _SHAPE.value, _MODE.value, _ROWS.value, _INTERPRET.value,
+             _DIST.value)
     return
   out = pathlib.Path(_OUT.value or os.path.join(os.environ.get("OUT", "/tmp"), "ptxas"))
   for impl in _IMPLS.value:
@@ -76,7 +80,7 @@ def main(argv):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.ptxas_report", f"--child={impl}",
          f"--shape={_SHAPE.value}", f"--mode={_MODE.value}", f"--rows={_ROWS.value}",
-         f"--interpret={_INTERPRET.value}"],
+         f"--interpret={_INTERPRET.value}", f"--dist={_DIST.value}"],
         env=env, capture_output=True, text=True, check=False)
     (folder / "stdout_stderr.txt").write_text(proc.stdout + proc.stderr)
     lines = []
