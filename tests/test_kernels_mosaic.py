@@ -34,6 +34,8 @@ from kernel_refs import rel_err as _rel
 
 
 TRANSPOSE_OK = gmm_mosaic.interpreter_reads_transposed()
+# jax < 0.12's Mosaic GPU interpreter has no rule for plgpu.async_prefetch.
+PREFETCH_OK = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
 needs_transpose = pytest.mark.skipif(
     not TRANSPOSE_OK,
     reason=f"jax {jax.__version__} < 0.11: the Mosaic GPU interpreter cannot run the "
@@ -81,6 +83,10 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
     # 256-row tiles, 128 rows a warpgroup; the 200-row group's tile spans both halves
     ("split_m_tm256", 300, 128, 128, [10, 200, 0, 50],
      Tiles(tm=256, tn=64, stages=2, split="m")),
+    # L2 prefetches 3 contraction steps ahead over 4 steps: within an item and into
+    # the CTA's next item (no-ops in the interpreter: the rest must be unchanged)
+    ("l2_prefetch", 200, 256, 128, [70, 0, 50, 30],
+     Tiles(tm=64, tn=64, stages=2, l2_prefetch=3)),
     # column split with delayed release over 4 contraction steps through 3 slots
     ("delay_n", 200, 256, 128, [70, 0, 50, 30], Tiles(tm=64, tn=64, stages=3, delay_release=1)),
 ]
@@ -127,6 +133,8 @@ FORWARD = ([pytest.param(*c, jnp.bfloat16, id=f"{i}-bf16") for i, c in zip(IDS, 
 
 @pytest.mark.parametrize("m, k, n, gs, tiles, dtype", FORWARD)
 def test_gmm_forward(m, k, n, gs, tiles, dtype):
+  if tiles.l2_prefetch and not PREFETCH_OK:
+    pytest.skip("this jax's Mosaic GPU interpreter cannot run async_prefetch")
   rng = np.random.default_rng(m + k + n)
   gs = np.asarray(gs, np.int32)
   x, w, _ = _inputs(rng, m, k, n, len(gs), dtype)
@@ -159,6 +167,7 @@ def test_default_tiles_fit_shared_memory(out_dtype):
     (Tiles(tm=256, tn=128, split="m"), "128x256 accumulator"),
     (Tiles(stages=2, delay_release=2), r"delay_release=2 must be in \[0, stages=2\)"),
     (Tiles(overlap=True, delay_release=1), "overlap"),
+    (Tiles(l2_prefetch=-1), "l2_prefetch=-1 must be >= 0"),
 ])
 def test_bad_tiles_are_refused_by_name(tiles, match):
   x = jnp.ones((256, 128), jnp.bfloat16)
@@ -214,6 +223,8 @@ def test_gmm_out_dtype_float32():
 @needs_transpose
 @pytest.mark.parametrize("m, k, n, gs, tiles", CASES, ids=IDS)
 def test_gmm_transposed_rhs(m, k, n, gs, tiles):
+  if tiles.l2_prefetch and not PREFETCH_OK:
+    pytest.skip("this jax's Mosaic GPU interpreter cannot run async_prefetch")
   rng = np.random.default_rng(m * 7 + n)
   gs = np.asarray(gs, np.int32)
   x, w, _ = _inputs(rng, m, k, n, len(gs), jnp.bfloat16)
@@ -587,6 +598,8 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
     ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
     ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
+    ("gmm_l2_prefetch", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, l2_prefetch=6), False),
+    ("gmm_l2_prefetch_t", "gmm", 1024, 256, 512, 4, Tiles(l2_prefetch=2), True),
 ]
 
 
