@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of one Mosaic kernel variant (Firecracker GPU machines):
-#   bash experiments/ncu_profile.sh MODE IMPL SHAPE ROWS [DIST]
-# e.g. bash experiments/ncu_profile.sh tgmm tgmm_mosaic dsv3 131072
-#      bash experiments/ncu_profile.sh fwd pallas_mosaic@split=m dsv3 131072 skewed
-# Compiles and runs the variant once (experiments.ptxas_report's child; DIST is
-# balanced by default, or skewed) under ncu's full set, then writes the per-kernel details and the
+#   bash experiments/ncu_profile.sh MODE IMPL SHAPE [DIST [ROWS]]
+# e.g. bash experiments/ncu_profile.sh tgmm tgmm_mosaic dsv3
+#      bash experiments/ncu_profile.sh fwd pallas_mosaic@split=m dsv3 skewed
+# Compiles and runs the variant once on random inputs (experiments.ptxas_report's
+# child; DIST balanced by default, or skewed; ROWS the shape's M by default)
+# under ncu's full set, then writes the per-kernel details and the
 # per-SASS-instruction source page (stall samples) as CSV under $OUT.
 set -uo pipefail
-mode="$1"; impl="$2"; shape="$3"; rows="$4"; dist="${5:-balanced}"
+mode="$1"; impl="$2"; shape="$3"; dist="${4:-balanced}"; rows="${5:-0}"
 out="${OUT:-/tmp/ncu}"
 mkdir -p "$out" /tmp/alias
 ln -sfn "$PWD/kernels" /tmp/alias/moe_kernels

@@ -27,7 +27,8 @@ from absl import flags
 _SHAPE = flags.DEFINE_string("shape", "dsv3", "a shape name from gmm_common.SHAPES")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_mosaic"], "kernel variants, named as in benchmark_gmm")
 _MODE = flags.DEFINE_string("mode", "fwd", "fwd, dx (pallas_mosaic names) or tgmm (tgmm_mosaic names)")
-_ROWS = flags.DEFINE_integer("rows", 8192, "M to compile at (the code does not depend on it)")
+_ROWS = flags.DEFINE_integer("rows", 0, "M to run at (0: the shape's own; default tiles "
+                             "depend on rows per group)")
 _OUT = flags.DEFINE_string("out", "", "dump folder (default $OUT/ptxas or /tmp/ptxas)")
 _DIST = flags.DEFINE_enum("dist", "balanced", ["balanced", "skewed"],
                           "group sizes of the compiled call (gmm_common.group_sizes)")
@@ -44,17 +45,18 @@ def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool,
   from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
   from moe_kernels import tgmm_mosaic  # pylint: disable=g-import-not-at-top
   from experiments import tile_variants as tv  # pylint: disable=g-import-not-at-top
-  from experiments.gmm_common import SHAPES, group_sizes  # pylint: disable=g-import-not-at-top
-  _, k, n, e = SHAPES[shape]
-  m = rows
-  bf16 = jnp.bfloat16
+  from experiments.gmm_common import SHAPES, group_sizes, make_inputs  # pylint: disable=g-import-not-at-top
+  shape_m, k, n, e = SHAPES[shape]
+  m = rows or shape_m
+  # Random inputs, as the benchmarks use (a profile of ones runs at other clocks).
+  x, w, dy = make_inputs(m, k, n, e, jnp.bfloat16)
   gs = jnp.asarray(group_sizes(m, e, dist))
   if mode == "tgmm":
     tiles = tgmm_mosaic.default_tiles(k, n)
     if "@" in impl:
       tiles = tv.variant_tiles(impl, tgmm_mosaic.Tiles, tv.TGMM_FIELDS, tv.TGMM_REQUIRED, tiles)
     fn = functools.partial(tgmm_mosaic.tgmm, tiles=tiles, interpret=interpret)
-    args = (jnp.ones((m, k), bf16), jnp.ones((m, n), bf16), gs)
+    args = (x, dy, gs)
   else:  # fwd: x[M, K] @ w[g]; dx: dy[M, N] @ w[g]^T with w[E, K, N]
     kk, nn = (n, k) if mode == "dx" else (k, n)
     tiles = gmm_mosaic.default_tiles(m, kk, nn, e)
@@ -62,7 +64,7 @@ def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool,
       tiles = tv.variant_tiles(impl, gmm_mosaic.Tiles, tv.GMM_FIELDS, tv.GMM_REQUIRED, tiles)
     fn = functools.partial(gmm_mosaic.gmm, tiles=tiles, transpose_rhs=mode == "dx",
                            interpret=interpret)
-    args = (jnp.ones((m, kk), bf16), jnp.ones((e, k, n), bf16), gs)
+    args = (dy if mode == "dx" else x, w, gs)
   jax.block_until_ready(jax.jit(fn)(*args))
 
 
@@ -95,7 +97,8 @@ def main(argv):
     print(f"== {impl} ({_SHAPE.value}, {_MODE.value}): rc {proc.returncode}, "
           f"{len(hits)} lines of note")
     if proc.returncode:
-      print("  failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+      errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln] or ["?"]
+      print("  failed: " + errors[-1][:300])
     for ln in hits[:40]:
       print("  " + ln[:200])
 
