@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/moe_jax_demo
+# pytest-xdist workers for `make test` (CI has 2 cores; the suite is CPU-bound,
+# so more workers than cores gain nothing). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv clean
 
@@ -19,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.train --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV)

@@ -29,8 +29,11 @@ def free_port():
 
 
 def launch(args, devices_per_process):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-             JAX_PLATFORMS="cpu")
+  # The session's other XLA flags (conftest's compile-time settings) pass through.
+  other = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [f"--xla_force_host_platform_device_count={devices_per_process}", *other]
+  env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
