@@ -98,13 +98,6 @@ class Tiles:
   # warpgroup keeps this many wgmma groups in flight (wgmma_wait(delay_release))
   # instead of draining the tensor cores every step. Not with ``overlap``.
   delay_release: int = 0
-  # Steps ahead (0: off) at which compute warpgroup 0 asks TMA to bring the x and
-  # w tiles of a later contraction step into L2 (plgpu.async_prefetch), past the
-  # ring's reach; near an item's end it prefetches the CTA's next item's first
-  # steps. Meant for groups too small to reuse their weight blocks from L2, whose
-  # loads wait on HBM (the weight gradient's profile showed such waits). Not yet
-  # timed: off.
-  l2_prefetch: int = 0
 
   @property
   def wg_rows(self) -> int:
@@ -193,8 +186,6 @@ def tiles_reason(t: Tiles) -> Optional[str]:
     return f"delay_release={t.delay_release} must be in [0, stages={t.stages})"
   if t.overlap and t.delay_release:
     return "overlap (a pipeline of pipelines) does not take delay_release"
-  if t.l2_prefetch < 0:
-    return f"l2_prefetch={t.l2_prefetch} must be >= 0 (steps ahead; 0 is off)"
   return None
 
 
@@ -277,7 +268,7 @@ def pipeline_states(computes: jax.Array, num_sms: int) -> jax.Array:
 
 def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
             num_groups: int, num_items: int, n_ctas: int, k_steps: int,
-            transpose_rhs: bool, num_sms: int):
+            transpose_rhs: bool):
   # meta_gmem has a multiple of t.window rows (padding rows are no-op visits);
   # state_gmem[i] is item i's PipelinePipeline state (see pipeline_states).
   dtype = lhs_gmem.dtype
@@ -364,32 +355,7 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
             acc = acc_ref[...].astype(out_dtype)
             store_rows(lambda c: acc[:, c * t.epi_n:(c + 1) * t.epi_n])
 
-      def prefetch_step(g, r0, block, k):
-        """L2 prefetch of contraction step k's x and w tiles of one item."""
-        ks = pl.ds(pl.multiple_of(k * t.tk, t.tk), t.tk)
-        plgpu.async_prefetch(lhs_gmem.at[pl.ds(r0, t.tm), ks])
-        w = rhs_block(g, block)
-        plgpu.async_prefetch(w.at[:, ks] if transpose_rhs else w.at[ks, :])
-
-      if t.l2_prefetch:  # the CTA's next item, for prefetches past this one's end
-        nxt = jnp.minimum(idx + num_sms, num_items - 1)
-        visit2, nj2 = item_coords(nxt, t.window, n_ctas)
-        group2 = meta_gmem[visit2, 0]
-        row2 = pl.multiple_of(meta_gmem[visit2, 1], TMA_ROW_ALIGN)
-        has_next = (idx + num_sms < num_items) & (group2 < num_groups)
-
-      def prefetch_ahead(k):
-        ahead = k + t.l2_prefetch
-
-        @pl.when(wg == 0)
-        def _prefetch():
-          pl.when(ahead < k_steps)(lambda: prefetch_step(group, row0, nj, ahead))
-          pl.when((ahead >= k_steps) & (ahead < 2 * k_steps) & has_next)(
-              lambda: prefetch_step(group2, row2, nj2, ahead - k_steps))
-
-      def mma(idxs, a_smem, b_smem, acc_ref):
-        if t.l2_prefetch:
-          prefetch_ahead(idxs[0])
+      def mma(_, a_smem, b_smem, acc_ref):
         if by_rows:
           a = a_smem.at[pl.ds(pl.multiple_of(wg * t.wg_rows, t.wg_rows), t.wg_rows)]
           b = b_smem.transpose((1, 0)) if transpose_rhs else b_smem
@@ -473,7 +439,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     states = jnp.zeros((1,), jnp.int32)
   kernel = functools.partial(
       _kernel, t=t, num_groups=num_groups, num_items=num_items,
-      n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs, num_sms=grid)
+      n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs)
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((padded, n), out_dtype),

@@ -66,12 +66,6 @@ class Tiles:
   # Items in order of their group's step count, largest first ("size"), so the
   # last items dealt to the CTAs are the shortest; or in group order ("index").
   order: str = "size"
-  # Flat ring only. With each step's loads, the memory warpgroup asks TMA to bring
-  # the same step of the CTA's next item into L2 (async_prefetch), an item ahead:
-  # each item's x and dy blocks are first read from HBM by the wave of CTAs that
-  # uses them, and a 3-deep ring does not hide that latency (Nsight Compute, dsv3:
-  # the compute warpgroups spent 17% of their samples waiting for a full slot).
-  l2_prefetch: bool = False
 
 
 def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
@@ -113,8 +107,9 @@ def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
     return f"dy columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
   if tiles.tn % tiles.epi_n:
     return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
-  if tiles.l2_prefetch and tiles.pipeline != "flat":
-    return "l2_prefetch needs pipeline='flat'"
+  if tiles.tr % 64:
+    # The neighbour-row mask is built in the wgmma register layout, 64 rows a tile.
+    return f"tr={tiles.tr} is not a multiple of 64"
   return None
 
 
@@ -310,10 +305,6 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
 
       def item_loads(j, s):
         _, kb, nj, _, _, row0, steps = item(sm + j * num_sms)
-        if t.l2_prefetch:  # the CTA's next item (clamped: read in range, never used)
-          _, kb2, nj2, _, _, row2, steps2 = item(jnp.minimum(sm + (j + 1) * num_sms,
-                                                             num_items - 1))
-          steps2 = jnp.where(j + 1 < my_items, steps2, 0)
 
         def step_loads(i, s):
           slot = lax.rem(s, t.stages)
@@ -325,12 +316,6 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
           rows = pl.ds(pl.multiple_of(row0 + i * t.tr, gmm_mosaic.TMA_ROW_ALIGN), t.tr)
           plgpu.copy_gmem_to_smem(x_block(kb, rows), x_ring.at[slot], full.at[slot])
           plgpu.copy_gmem_to_smem(dy_block(nj, rows), dy_ring.at[slot], full.at[slot])
-          if t.l2_prefetch:
-            @pl.when(i < steps2)
-            def _prefetch_next_item():
-              rows2 = pl.ds(pl.multiple_of(row2 + i * t.tr, gmm_mosaic.TMA_ROW_ALIGN), t.tr)
-              plgpu.async_prefetch(x_block(kb2, rows2))
-              plgpu.async_prefetch(dy_block(nj2, rows2))
           return s + 1
 
         return lax.fori_loop(0, steps, step_loads, s)

@@ -34,8 +34,6 @@ from kernel_refs import rel_err as _rel
 
 
 TRANSPOSE_OK = gmm_mosaic.interpreter_reads_transposed()
-# jax < 0.12's Mosaic GPU interpreter has no rule for plgpu.async_prefetch.
-PREFETCH_OK = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
 needs_transpose = pytest.mark.skipif(
     not TRANSPOSE_OK,
     reason=f"jax {jax.__version__} < 0.11: the Mosaic GPU interpreter cannot run the "
@@ -83,10 +81,6 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
     # 256-row tiles, 128 rows a warpgroup; the 200-row group's tile spans both halves
     ("split_m_tm256", 300, 128, 128, [10, 200, 0, 50],
      Tiles(tm=256, tn=64, stages=2, split="m")),
-    # L2 prefetches 3 contraction steps ahead over 4 steps: within an item and into
-    # the CTA's next item (no-ops in the interpreter: the rest must be unchanged)
-    ("l2_prefetch", 200, 256, 128, [70, 0, 50, 30],
-     Tiles(tm=64, tn=64, stages=2, l2_prefetch=3)),
     # column split with delayed release over 4 contraction steps through 3 slots
     ("delay_n", 200, 256, 128, [70, 0, 50, 30], Tiles(tm=64, tn=64, stages=3, delay_release=1)),
 ]
@@ -133,8 +127,6 @@ FORWARD = ([pytest.param(*c, jnp.bfloat16, id=f"{i}-bf16") for i, c in zip(IDS, 
 
 @pytest.mark.parametrize("m, k, n, gs, tiles, dtype", FORWARD)
 def test_gmm_forward(m, k, n, gs, tiles, dtype):
-  if tiles.l2_prefetch and not PREFETCH_OK:
-    pytest.skip("this jax's Mosaic GPU interpreter cannot run async_prefetch")
   rng = np.random.default_rng(m + k + n)
   gs = np.asarray(gs, np.int32)
   x, w, _ = _inputs(rng, m, k, n, len(gs), dtype)
@@ -167,7 +159,6 @@ def test_default_tiles_fit_shared_memory(out_dtype):
     (Tiles(tm=256, tn=128, split="m"), "128x256 accumulator"),
     (Tiles(stages=2, delay_release=2), r"delay_release=2 must be in \[0, stages=2\)"),
     (Tiles(overlap=True, delay_release=1), "overlap"),
-    (Tiles(l2_prefetch=-1), "l2_prefetch=-1 must be >= 0"),
 ])
 def test_bad_tiles_are_refused_by_name(tiles, match):
   x = jnp.ones((256, 128), jnp.bfloat16)
@@ -223,8 +214,6 @@ def test_gmm_out_dtype_float32():
 @needs_transpose
 @pytest.mark.parametrize("m, k, n, gs, tiles", CASES, ids=IDS)
 def test_gmm_transposed_rhs(m, k, n, gs, tiles):
-  if tiles.l2_prefetch and not PREFETCH_OK:
-    pytest.skip("this jax's Mosaic GPU interpreter cannot run async_prefetch")
   rng = np.random.default_rng(m * 7 + n)
   gs = np.asarray(gs, np.int32)
   x, w, _ = _inputs(rng, m, k, n, len(gs), jnp.bfloat16)
@@ -448,10 +437,6 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     ("flat_no_rows", 64, 128, 128, [0, 0], tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
     ("flat_grid_fallback", 128, 128, 128, [70, 58],
      tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
-    # Each step also prefetches the same step of the CTA's next item into L2
-    # (a no-op in the interpreter: this checks the rest of the kernel is unchanged).
-    ("flat_l2_prefetch", 192, 256, 256, [10, 20, 0, 5, 130],
-     tgmm_mosaic.Tiles(tn=64, stages=3, l2_prefetch=True)),
     # Groups by step count, largest first, on both pipelines.
     ("size_order", 200, 128, 256, [10, 0, 120, 40],
      tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="per_item", order="size")),
@@ -501,8 +486,9 @@ def test_item_plan_orders_groups_by_steps():
 @pytest.mark.parametrize("tiles, match", [
     (tgmm_mosaic.Tiles(pipeline="ring"), "pipeline='ring' is not one of"),
     (tgmm_mosaic.Tiles(order="random"), "order='random' is not one of"),
-    (tgmm_mosaic.Tiles(tn=64, pipeline="per_item", l2_prefetch=True),
-     "l2_prefetch needs pipeline='flat'"),
+    # The neighbour-row mask needs whole 64-row wgmma tiles; without this refusal
+    # Mosaic fails deep in layout inference (H200 run, eighth session).
+    (tgmm_mosaic.Tiles(tn=64, tr=32), "tr=32 is not a multiple of 64"),
 ])
 def test_tgmm_refuses_bad_tiles_by_name(tiles, match):
   x = jnp.ones((64, 128), jnp.bfloat16)
@@ -592,14 +578,11 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm_split_m_no_skip", "gmm", 1000, 256, 256, 4, Tiles(split="m", skip_idle=False), False),
     # N % 256 != 0 and 256+ rows a group: the default is tm=256 split by rows
     ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
-    ("tgmm_l2_prefetch", "tgmm", 1000, 256, 256, 4, tgmm_mosaic.Tiles(l2_prefetch=True), False),
     ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
      tgmm_mosaic.Tiles(pipeline="per_item", order="index"), False),
     ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
     ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
     ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
-    ("gmm_l2_prefetch", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, l2_prefetch=6), False),
-    ("gmm_l2_prefetch_t", "gmm", 1024, 256, 512, 4, Tiles(l2_prefetch=2), True),
 ]
 
 
