@@ -8,9 +8,8 @@
 # puts the checkout and kernels/ (as moe_kernels) on PYTHONPATH.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_session}"
-mkdir -p "$out" /tmp/alias
-ln -sfn "$PWD/kernels" /tmp/alias/moe_kernels
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:/tmp/alias"
+mkdir -p "$out"
+source "$(dirname "$0")/gpu_env.sh"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm,temperature.gpu,memory.total \
   --format=csv | tee "$out/gpu.txt"

@@ -10,9 +10,8 @@
 set -uo pipefail
 mode="$1"; impl="$2"; shape="$3"; dist="${4:-balanced}"; rows="${5:-0}"
 out="${OUT:-/tmp/ncu}"
-mkdir -p "$out" /tmp/alias
-ln -sfn "$PWD/kernels" /tmp/alias/moe_kernels
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD:/tmp/alias"
+mkdir -p "$out"
+source "$(dirname "$0")/gpu_env.sh"
 ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
 echo "ncu: $ncu_bin"
 "$ncu_bin" --clock-control none --kernel-name regex:mosaic --launch-count 1 --set full \

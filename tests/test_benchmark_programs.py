@@ -134,7 +134,7 @@ def test_ptxas_report_compiles_each_variant(tmp_path):
   impls = ["pallas_mosaic@tm=64/tn=64/stages=2", "pallas_mosaic@tm=128/tn=64/stages=2/split=m"]
   out = subprocess.run(
       [sys.executable, "-m", "experiments.ptxas_report", "--interpret", "--shape=tiny-mosaic",
-       "--rows=200", f"--impls={','.join(impls)}", f"--out={tmp_path}"],
+       "--rows=200", "--dist=skewed", f"--impls={','.join(impls)}", f"--out={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
