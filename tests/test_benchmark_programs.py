@@ -128,6 +128,11 @@ def test_gmm_benchmark_tile_variants_smoke():
       assert (impl, "tgmm") in seen and (impl, "fwd") not in seen, seen
 
 
+def _mosaic_reads_transposed():
+  from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
+  return gmm_mosaic.interpreter_reads_transposed()
+
+
 def test_ptxas_report_compiles_each_variant(tmp_path):
   # On CPU the kernels run in the interpreter (no ptxas): this checks the variant
   # names, the child processes and the dump folders, not ptxas's own lines.
@@ -141,6 +146,20 @@ def test_ptxas_report_compiles_each_variant(tmp_path):
   for impl in impls:
     assert f"== {impl} (tiny-mosaic, fwd): rc 0" in out.stdout, out.stdout
   assert len(list(tmp_path.glob("*/stdout_stderr.txt"))) == 2
+
+
+@pytest.mark.skipif(not _mosaic_reads_transposed(),
+                    reason="dx and tgmm read transposed operands: jax >= 0.11's interpreter")
+@pytest.mark.parametrize("mode, impl", [("dx", "pallas_mosaic@tm=64/tn=64/stages=2"),
+                                        ("tgmm", "tgmm_mosaic@tn=64/epi_n=64/stages=2")])
+def test_ptxas_report_runs_the_transposed_modes(tmp_path, mode, impl):
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.ptxas_report", "--interpret", "--shape=tiny-mosaic",
+       "--rows=200", "--dist=skewed", f"--mode={mode}", f"--impls={impl}", f"--out={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"== {impl} (tiny-mosaic, {mode}): rc 0" in out.stdout, out.stdout
 
 
 def test_gmm_autotune_writes_the_table(tmp_path):
