@@ -596,6 +596,8 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
     ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
      tgmm_mosaic.Tiles(pipeline="per_item", order="index"), False),
+    ("tgmm_pingpong", "tgmm", 1000, 256, 384, 4,
+     tgmm_mosaic.Tiles(tn=128, epi_n=128, stages=5, pipeline="pingpong"), False),
     ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
     ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
     ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
