@@ -205,7 +205,11 @@ def tgmm_variant(name):
 
 
 def tgmm_fn(name):
-  """The weight-gradient kernel alone (mode "tgmm"); same FLOPs as the forward."""
+  """The weight-gradient kernel alone (mode "tgmm"); same FLOPs as the forward.
+  ``tgmm_mosaic`` is the Mosaic kernel with its default tiles (the baseline of an
+  A/B of ``tgmm_mosaic@...`` variants)."""
+  if name == "tgmm_mosaic":
+    return lambda x, dy, gs: tgmm_mosaic.tgmm(x, dy, gs, interpret=_INTERPRET.value)
   if name.startswith("tgmm_mosaic@"):
     return tgmm_variant(name)
   backend = {"pallas_triton": "triton", "pallas_mosaic": "mosaic",
@@ -321,24 +325,68 @@ def check_fused(log):
       print(json.dumps(row), flush=True)
 
 
-def timed_call(impl, mode, x, w, dy, gs):
-  """(jitted function, its arguments) that time ``impl`` in ``mode``; None where
-  the impl has no such kernel."""
+MODES = ("fwd", "fwdbwd", "tgmm", "dx")
+IMPLS = ("pallas_mosaic", "pallas_triton", "pallas_mosaic_bf16x3", "ragged_dot",
+         "pallas_dense", "pallas_e1", "tgmm_mosaic")
+VARIANTS = {"pallas_mosaic@": (gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED),
+            "tgmm_mosaic@": (tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED)}
+
+
+def mode_fn(impl, mode):
+  """The function that times ``impl`` in ``mode``, or None where the impl has no
+  such kernel."""
   if impl in ("pallas_dense", "pallas_e1") and mode != "fwd":
     return None
   if impl.startswith("pallas_mosaic@") and mode not in ("fwd", "dx"):
     return None
-  if impl.startswith("tgmm_mosaic@") and mode != "tgmm":
+  if impl.split("@")[0] == "tgmm_mosaic" and mode != "tgmm":
     return None
   if mode == "tgmm":
-    fn = tgmm_fn(impl)
-    return fn and (jax.jit(fn), (x, dy, gs))
+    return tgmm_fn(impl)
   if mode == "dx":
-    fn = dx_fn(impl)
-    return fn and (jax.jit(fn), (dy, w, gs))
+    return dx_fn(impl)
   if mode == "fwd":
-    return jax.jit(impl_fn(impl)), (x, w, gs)
-  return jax.jit(fwdbwd(impl_fn(impl))), (x, w, gs, dy)
+    return impl_fn(impl)
+  return fwdbwd(impl_fn(impl))
+
+
+def check_impls(impls, modes, baseline):
+  """Refuses, before any compute: unknown modes or impl names, malformed variant
+  names, and impls with no kernel in any of ``modes``."""
+  for mode in modes:
+    if mode not in MODES:
+      raise ValueError(f"--modes: {mode!r} is not one of {MODES}")
+  for impl in impls:
+    prefix = next((p for p in VARIANTS if impl.startswith(p)), None)
+    if prefix:
+      variant_tiles(impl, *VARIANTS[prefix])  # raises on a malformed name
+    elif impl not in IMPLS:
+      raise ValueError(f"--impls: {impl!r} is not one of {IMPLS} nor a variant "
+                       f"({', '.join(p + '...' for p in VARIANTS)})")
+    if all(mode_fn(impl, mode) is None for mode in modes):
+      raise ValueError(f"--impls: {impl!r} has no kernel in --modes={','.join(modes)}")
+  if baseline == "first":
+    for mode in modes:
+      first_in_mode(impls, mode)
+
+
+def first_in_mode(impls, mode):
+  """--baseline=first: the first of ``impls`` with a kernel in ``mode`` (so
+  ``pallas_mosaic@...`` variants and ``tgmm_mosaic@...`` ones can share a run)."""
+  for impl in impls:
+    if mode_fn(impl, mode) is not None:
+      return impl
+  raise ValueError(f"--baseline=first: none of --impls has a kernel in mode {mode!r}")
+
+
+def timed_call(impl, mode, x, w, dy, gs):
+  """(jitted function, its arguments) that time ``impl`` in ``mode``; None where
+  the impl has no such kernel."""
+  fn = mode_fn(impl, mode)
+  if fn is None:
+    return None
+  args = {"tgmm": (x, dy, gs), "dx": (dy, w, gs), "fwd": (x, w, gs), "fwdbwd": (x, w, gs, dy)}
+  return jax.jit(fn), args[mode]
 
 
 def run_bench(log):
@@ -379,9 +427,10 @@ def run_bench(log):
             continue
           base = (dense_f, (x, wd))
           if _BASELINE.value == "first":
+            first = first_in_mode(_IMPLS.value, mode)
             if mode not in firsts:
-              firsts[mode] = timed_call(_IMPLS.value[0], mode, x, w, dy, gs) or base
-            base = call if impl == _IMPLS.value[0] else firsts[mode]
+              firsts[mode] = timed_call(first, mode, x, w, dy, gs)
+            base = call if impl == first else firsts[mode]
           try:
             _, t, ratio = bench_pair(*base, *call, **slow)
             if mode == "fwdbwd" and base[0] is dense_f:
@@ -459,7 +508,9 @@ def print_table(log):
   device = "torch" if _TORCH.value else jax.devices()[0].device_kind
   print(f"\ndevice: {device}  jax {jax.__version__}  dtype {_DTYPE.value}")
   if _BASELINE.value == "first" and not _TORCH.value:
-    print(f"ratio: {_IMPLS.value[0]}'s time / the impl's, timed alternately")
+    firsts = {m: first_in_mode(_IMPLS.value, m) for m in _MODES.value}
+    named = ", ".join(f"{f} in {m}" for m, f in firsts.items())
+    print(f"ratio: the first impl's time / the impl's, timed alternately ({named})")
   print(f"{'shape':10s} {'dist':8s} {'impl':14s} {'mode':6s} {'ms':>9s} {'TF/s':>7s} {'ratio':>6s}")
   for r in rows:
     print(f"{r['shape']:10s} {r['dist']:8s} {r['impl']:14s} {r['mode']:6s} "
@@ -475,6 +526,11 @@ def print_table(log):
 def main(argv):
   del argv
   log = []
+  if not (_TORCH.value or _AUTOTUNE.value):
+    try:
+      check_impls(_IMPLS.value, _MODES.value, _BASELINE.value)
+    except ValueError as exc:
+      raise app.UsageError(str(exc)) from exc
   if _CHECK.value:
     check(log)
     check_fused(log)

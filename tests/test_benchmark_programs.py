@@ -102,13 +102,38 @@ def test_tile_variant_names():
     parse("pallas_mosaic@128/128")
 
 
+def test_gmm_benchmark_refuses_bad_impls_before_compute():
+  from experiments import benchmark_gmm as bench  # pylint: disable=g-import-not-at-top
+  check = bench.check_impls
+  check(["tgmm_mosaic", "tgmm_mosaic@pipeline=pingpong"], ["tgmm"], "first")
+  check(["pallas_mosaic", "tgmm_mosaic@stages=2", "pallas_mosaic@split=m"],
+        ["fwd", "dx", "tgmm"], "first")
+  with pytest.raises(ValueError, match="'pallas_mosiac' is not one of"):
+    check(["pallas_mosiac"], ["fwd"], "dense")
+  with pytest.raises(ValueError, match="'fwd_bwd' is not one of"):
+    check(["pallas_mosaic"], ["fwd_bwd"], "dense")
+  with pytest.raises(ValueError, match="tko/tn/tr/stages"):
+    check(["tgmm_mosaic@128/64"], ["tgmm"], "dense")
+  with pytest.raises(ValueError, match="'ragged_dot' has no kernel in --modes=tgmm"):
+    check(["pallas_mosaic", "ragged_dot"], ["tgmm"], "dense")
+  # --baseline=first compares each mode's rows with the first impl that has that
+  # mode; a mode none has is refused (ninth session: with no such impl the tgmm
+  # rows were silently timed against dense instead).
+  impls = ["pallas_mosaic@split=m", "tgmm_mosaic", "tgmm_mosaic@stages=2"]
+  assert bench.first_in_mode(impls, "fwd") == "pallas_mosaic@split=m"
+  assert bench.first_in_mode(impls, "tgmm") == "tgmm_mosaic"
+  with pytest.raises(ValueError, match="none of --impls has a kernel in mode 'tgmm'"):
+    check(["pallas_mosaic@split=m", "ragged_dot"], ["fwd", "tgmm"], "first")
+  check(["pallas_mosaic@split=m", "ragged_dot"], ["fwd", "tgmm"], "dense")
+
+
 def test_gmm_benchmark_tile_variants_smoke():
   from moe_kernels import gmm_mosaic  # pylint: disable=g-import-not-at-top
   impls = ["pallas_mosaic@64/64/64/2/2/0/2", "pallas_mosaic@tm=128/split=m"]
-  modes = "fwd,tgmm"
+  modes = "fwd"
   if gmm_mosaic.interpreter_reads_transposed():  # tgmm and dx read transposed operands
     impls += ["tgmm_mosaic@128/64/64/2", "tgmm_mosaic@pipeline=per_item/order=index"]
-    modes += ",dx"
+    modes += ",tgmm,dx"
   out = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret",
        "--shapes=tiny-mosaic", f"--impls={','.join(impls)}", f"--modes={modes}",
@@ -117,7 +142,10 @@ def test_gmm_benchmark_tile_variants_smoke():
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-2000:]
   assert "FAILED" not in out.stdout, out.stdout[-3000:]
-  assert f"ratio: {impls[0]}'s time" in out.stdout
+  firsts = f"{impls[0]} in fwd" + (f", {impls[2]} in tgmm, {impls[0]} in dx"
+                                    if len(impls) > 2 else "")
+  assert f"ratio: the first impl's time / the impl's, timed alternately ({firsts})" \
+      in out.stdout, out.stdout[-3000:]
   seen = {(r[2], r[3]) for r in (l.split() for l in out.stdout.splitlines())
           if r and r[0] == "tiny-mosaic"}
   for impl in impls[:2]:
