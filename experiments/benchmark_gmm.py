@@ -56,7 +56,8 @@ from experiments import gmm_torch  # noqa: E402  pylint: disable=g-import-not-at
 from experiments.gmm_common import (  # noqa: E402  pylint: disable=g-import-not-at-top
     SHAPES, group_sizes, make_inputs, rel_err)
 from experiments.tile_variants import (  # noqa: E402  pylint: disable=g-import-not-at-top
-    GMM_FIELDS, GMM_REQUIRED, TGMM_FIELDS, TGMM_REQUIRED, variant_tiles)
+    GMM_FIELDS, GMM_REQUIRED, TGMM_FIELDS, TGMM_REQUIRED, check_impls, first_in_mode,
+    has_kernel, variant_tiles)
 
 _SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "dsv3", "decode"],
                             f"names from {sorted(SHAPES)}")
@@ -325,21 +326,10 @@ def check_fused(log):
       print(json.dumps(row), flush=True)
 
 
-MODES = ("fwd", "fwdbwd", "tgmm", "dx")
-IMPLS = ("pallas_mosaic", "pallas_triton", "pallas_mosaic_bf16x3", "ragged_dot",
-         "pallas_dense", "pallas_e1", "tgmm_mosaic")
-VARIANTS = {"pallas_mosaic@": (gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED),
-            "tgmm_mosaic@": (tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED)}
-
-
 def mode_fn(impl, mode):
   """The function that times ``impl`` in ``mode``, or None where the impl has no
-  such kernel."""
-  if impl in ("pallas_dense", "pallas_e1") and mode != "fwd":
-    return None
-  if impl.startswith("pallas_mosaic@") and mode not in ("fwd", "dx"):
-    return None
-  if impl.split("@")[0] == "tgmm_mosaic" and mode != "tgmm":
+  such kernel (``tile_variants.has_kernel``)."""
+  if not has_kernel(impl, mode):
     return None
   if mode == "tgmm":
     return tgmm_fn(impl)
@@ -350,33 +340,11 @@ def mode_fn(impl, mode):
   return fwdbwd(impl_fn(impl))
 
 
-def check_impls(impls, modes, baseline):
-  """Refuses, before any compute: unknown modes or impl names, malformed variant
-  names, and impls with no kernel in any of ``modes``."""
-  for mode in modes:
-    if mode not in MODES:
-      raise ValueError(f"--modes: {mode!r} is not one of {MODES}")
-  for impl in impls:
-    prefix = next((p for p in VARIANTS if impl.startswith(p)), None)
-    if prefix:
-      variant_tiles(impl, *VARIANTS[prefix])  # raises on a malformed name
-    elif impl not in IMPLS:
-      raise ValueError(f"--impls: {impl!r} is not one of {IMPLS} nor a variant "
-                       f"({', '.join(p + '...' for p in VARIANTS)})")
-    if all(mode_fn(impl, mode) is None for mode in modes):
-      raise ValueError(f"--impls: {impl!r} has no kernel in --modes={','.join(modes)}")
-  if baseline == "first":
-    for mode in modes:
-      first_in_mode(impls, mode)
-
-
-def first_in_mode(impls, mode):
-  """--baseline=first: the first of ``impls`` with a kernel in ``mode`` (so
-  ``pallas_mosaic@...`` variants and ``tgmm_mosaic@...`` ones can share a run)."""
-  for impl in impls:
-    if mode_fn(impl, mode) is not None:
-      return impl
-  raise ValueError(f"--baseline=first: none of --impls has a kernel in mode {mode!r}")
+def parse_variant(name):
+  """Raises on a malformed ``pallas_mosaic@...`` or ``tgmm_mosaic@...`` name."""
+  if name.startswith("tgmm_mosaic@"):
+    return variant_tiles(name, tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED)
+  return variant_tiles(name, gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED)
 
 
 def timed_call(impl, mode, x, w, dy, gs):
@@ -528,7 +496,7 @@ def main(argv):
   log = []
   if not (_TORCH.value or _AUTOTUNE.value):
     try:
-      check_impls(_IMPLS.value, _MODES.value, _BASELINE.value)
+      check_impls(_IMPLS.value, _MODES.value, _BASELINE.value, parse_variant)
     except ValueError as exc:
       raise app.UsageError(str(exc)) from exc
   if _CHECK.value:

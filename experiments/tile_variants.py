@@ -1,4 +1,4 @@
-"""Names of Mosaic kernel tile variants for the benchmarks.
+"""Names of the benchmarks' implementations and Mosaic kernel tile variants.
 
 ``pallas_mosaic@tm/tn/tk/stages/window[/overlap[/light_max[/group_aligned]]]``
 sets fields of ``gmm_mosaic.Tiles`` in order; ``tgmm_mosaic@tko/tn/tr/stages[/...]``
@@ -49,3 +49,53 @@ def variant_tiles(name, tiles_cls, names, required, defaults=None):
   if positional or defaults is None:
     return tiles_cls(**values)
   return dataclasses.replace(defaults, **values)
+
+
+MODES = ("fwd", "fwdbwd", "tgmm", "dx")
+IMPLS = ("pallas_mosaic", "pallas_triton", "pallas_mosaic_bf16x3", "ragged_dot",
+         "pallas_dense", "pallas_e1", "tgmm_mosaic")
+VARIANT_PREFIXES = ("pallas_mosaic@", "tgmm_mosaic@")
+
+
+def has_kernel(impl, mode) -> bool:
+  """Whether benchmark_gmm times ``impl`` in ``mode`` (by name alone)."""
+  base = impl.split("@")[0]
+  variant = "@" in impl
+  if base == "tgmm_mosaic":
+    return mode == "tgmm"
+  if base in ("pallas_dense", "pallas_e1") or (variant and mode == "fwdbwd"):
+    return mode == "fwd"
+  if mode == "tgmm":
+    return base in ("pallas_triton", "pallas_mosaic", "pallas_mosaic_bf16x3") and not variant
+  if mode == "dx":
+    return base == "pallas_mosaic"
+  return True
+
+
+def check_impls(impls, modes, baseline, parse_variant):
+  """Refuses, before any compute: unknown modes or impl names, malformed variant
+  names (``parse_variant(name)`` raises), impls with no kernel in any of
+  ``modes``, and with ``baseline="first"`` a mode that no impl has."""
+  for mode in modes:
+    if mode not in MODES:
+      raise ValueError(f"--modes: {mode!r} is not one of {MODES}")
+  for impl in impls:
+    if impl.startswith(VARIANT_PREFIXES):
+      parse_variant(impl)
+    elif impl not in IMPLS:
+      raise ValueError(f"--impls: {impl!r} is not one of {IMPLS} nor a variant "
+                       f"({', '.join(p + '...' for p in VARIANT_PREFIXES)})")
+    if not any(has_kernel(impl, mode) for mode in modes):
+      raise ValueError(f"--impls: {impl!r} has no kernel in --modes={','.join(modes)}")
+  if baseline == "first":
+    for mode in modes:
+      first_in_mode(impls, mode)
+
+
+def first_in_mode(impls, mode):
+  """--baseline=first: the first of ``impls`` with a kernel in ``mode`` (so
+  ``pallas_mosaic@...`` and ``tgmm_mosaic@...`` variants can share a run)."""
+  for impl in impls:
+    if has_kernel(impl, mode):
+      return impl
+  raise ValueError(f"--baseline=first: none of --impls has a kernel in mode {mode!r}")
