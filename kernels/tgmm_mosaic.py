@@ -7,8 +7,7 @@ compute warpgroups, TMA + wgmma); the compute warpgroups split the output
 columns. By default (``Tiles.pipeline="flat"``) one shared-memory ring serves
 all of a CTA's (item, step) pairs, so the memory warpgroup loads the next
 item's first steps while the compute warpgroups store the current tile, and
-groups are processed largest first (``Tiles.order="size"``). With
-``pipeline="pingpong"`` each compute warpgroup works on its own items instead.
+groups are processed largest first (``Tiles.order="size"``).
 
 A work item is one [tko, 2 tn] output tile of one group (items ordered group by
 group, groups in ``Tiles.order``, and inside a group in windows of dw row blocks
@@ -21,7 +20,7 @@ those rows in its own column half of the dy tile in shared memory (dy rows
 outside the group times any finite x row give zero). Empty groups store zeros.
 
 Limits (``unsupported_reason``): 16-bit floats, K a multiple of ``tko`` and N a
-multiple of 2 ``tn`` (of ``tn`` under "pingpong"). x must be finite everywhere (a neighbour's row of x is
+multiple of 2 ``tn``. x must be finite everywhere (a neighbour's row of x is
 multiplied by zeros, and inf * 0 is NaN).
 """
 from __future__ import annotations
@@ -63,26 +62,15 @@ class Tiles:
   # warpgroups finish and store the current tile (dw tiles reduce over only a
   # group's rows, so the per-item pipeline fill and drain are a large share).
   # "per_item": one jax warp-specialized pipeline per item, kept to compare.
-  # "pingpong": the flat ring, but each compute warpgroup reduces its own
-  # [tko, tn] items, so one stores while the other multiplies; it loads a third
-  # more bytes per FLOP (each item its own x block). Measured slower (H200:
-  # 0.52 to 0.85 of "flat"; docs/benchmarks.md, ninth session).
   pipeline: str = "flat"
   # Items in order of their group's step count, largest first ("size"), so the
   # last items dealt to the CTAs are the shortest; or in group order ("index").
   order: str = "size"
 
 
-def cta_cols(t: Tiles) -> int:
-  """dw columns of one work item: both warpgroups' halves, or one warpgroup's tile
-  when each works on its own items ("pingpong")."""
-  return t.tn if t.pipeline == "pingpong" else 2 * t.tn
-
-
 def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
   """Shared memory of one CTA: the x and dy ring and the two epilogue buffers."""
-  ring = t.stages * t.tr * (t.tko + cta_cols(t)) * itemsize
-  return ring + 2 * t.tko * t.epi_n * out_itemsize
+  return t.stages * t.tr * (t.tko + 2 * t.tn) * itemsize + 2 * t.tko * t.epi_n * out_itemsize
 
 
 def default_tiles(k: int, n: int, out_dtype=jnp.bfloat16) -> Tiles:
@@ -102,7 +90,7 @@ def default_tiles(k: int, n: int, out_dtype=jnp.bfloat16) -> Tiles:
   return t
 
 
-PIPELINES = ("per_item", "flat", "pingpong")
+PIPELINES = ("per_item", "flat")
 ORDERS = ("index", "size")
 
 
@@ -115,9 +103,8 @@ def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
     return f"order={tiles.order!r} is not one of {ORDERS}"
   if k % tiles.tko:
     return f"x columns {k} are not a multiple of tko={tiles.tko}"
-  if tiles.pipeline in PIPELINES and n % cta_cols(tiles):
-    what = "tn" if tiles.pipeline == "pingpong" else "2*tn"
-    return f"dy columns {n} are not a multiple of {what}={cta_cols(tiles)}"
+  if n % (2 * tiles.tn):
+    return f"dy columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
   if tiles.tn % tiles.epi_n:
     return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
   if tiles.tr % 64:
@@ -172,7 +159,7 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
   swizzle = plgpu.find_swizzle(t.tr * itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
                 plgpu.SwizzleTransform(swizzle))
-  cta_n = cta_cols(t)
+  cta_n = 2 * t.tn
   per_group = k_blocks * n_ctas
   num_items = num_groups * per_group
   window = _window(k_blocks, t.window) if n_ctas >= t.window_from else 1
@@ -184,10 +171,6 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
     row0 = pl.multiple_of(meta_gmem[p, 3], gmm_mosaic.TMA_ROW_ALIGN)
     return meta_gmem[p, 0], kb, nj, meta_gmem[p, 1], meta_gmem[p, 2], row0, meta_gmem[p, 4]
 
-  # A warpgroup's columns inside its item: its half of a shared item, or all of
-  # its own item under "pingpong".
-  half = (lambda wg: 0) if t.pipeline == "pingpong" else (lambda wg: wg)
-
   def store(out_smem, wg, g, kb, nj, chunk_fn):
     for c in range(t.tn // t.epi_n):
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -196,7 +179,7 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
       plgpu.copy_smem_to_gmem(
           out_smem.at[wg],
           out_gmem.at[g, pl.ds(kb * t.tko, t.tko),
-                      pl.ds(nj * cta_n + half(wg) * t.tn + c * t.epi_n, t.epi_n)])
+                      pl.ds(nj * cta_n + wg * t.tn + c * t.epi_n, t.epi_n)])
 
   def store_acc(out_smem, wg, g, kb, nj, acc_ref):
     acc = acc_ref[...].astype(out_dtype)
@@ -207,7 +190,7 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
 
   def mma(acc_ref, x_smem, dy_smem, wg, first_row, start, end):
     """acc += x_smem^T @ (this warpgroup's dy columns, rows outside the group zeroed)."""
-    dy_half = dy_smem.at[:, pl.ds(half(wg) * t.tn, t.tn)]
+    dy_half = dy_smem.at[:, pl.ds(wg * t.tn, t.tn)]
     lo = start - first_row  # rows of this step before the group
     hi = end - first_row    # first row of this step after the group
 
@@ -228,7 +211,7 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
   def dy_block(nj, rows):
     return dy_gmem.at[rows, pl.ds(nj * cta_n, cta_n)]
 
-  if t.pipeline in ("flat", "pingpong"):
+  if t.pipeline == "flat":
     _flat_body(t, num_items, num_sms, transforms, dtype, out_dtype, item, x_block, dy_block,
                mma, store_acc, store_zeros)
     return
@@ -297,37 +280,24 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
   (item, step) pairs without stopping at item boundaries, the compute
   warpgroups walk the same sequence and store each tile when its steps are done.
 
-  Ring slot s % stages holds the CTA's s-th step overall. Under "flat" both
-  compute warpgroups work on every item (a column half each): ``full[slot]``
-  completes when both TMA copies of a step have landed, ``empty[slot]`` when both
-  warpgroups have finished the wgmma that read it.
-
-  Under "pingpong" each compute warpgroup works on its own items (the CTA's even
-  items go to warpgroup 0, odd ones to 1), so one can store its finished tile
-  while the other keeps the tensor cores busy; under "flat" both store at once
-  with the tensor cores idle (docs/benchmarks.md, eighth session). A warpgroup
-  waits only on its own items' slots, and a barrier's phase advances only when
-  its waiter waits on it, so each slot has one "full" barrier per warpgroup
-  (``full[wg * stages + slot]``), signalled for the item's owner, and ``empty[slot]``
-  takes the one arrival of the warpgroup that read the slot.
+  Ring slot s % stages holds the CTA's s-th step overall. ``full[slot]``
+  completes when both TMA copies of a step have landed; ``empty[slot]`` when
+  both compute warpgroups have finished the wgmma that read it.
   """
-  pingpong = t.pipeline == "pingpong"
-  owners = 2 if pingpong else 1
+  cta_n = 2 * t.tn
 
   @functools.partial(
       pl.run_scoped,
       x_ring=plgpu.SMEM((t.stages, t.tr, t.tko), dtype, transforms=transforms),
-      dy_ring=plgpu.SMEM((t.stages, t.tr, cta_cols(t)), dtype, transforms=transforms),
-      full=plgpu.Barrier(num_arrivals=2, num_barriers=owners * t.stages),
-      empty=plgpu.Barrier(num_arrivals=3 - owners, num_barriers=t.stages),
+      dy_ring=plgpu.SMEM((t.stages, t.tr, cta_n), dtype, transforms=transforms),
+      full=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+      empty=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
       out_smem=plgpu.SMEM((2, t.tko, t.epi_n), out_dtype),
       collective_axes="wg")
   def _scope(x_ring, dy_ring, full, empty, out_smem):
     wg = lax.axis_index("wg")
     sm = lax.axis_index("sm")
     my_items = lax.div(num_items - sm + num_sms - 1, num_sms)
-    # Item j of this CTA belongs to warpgroup owner(j) (under "flat": to both).
-    owner = (lambda j: lax.rem(j, 2)) if pingpong else (lambda j: 0)
 
     @pl.when(wg == 2)
     def _memory():
@@ -344,9 +314,8 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
             plgpu.barrier_wait(empty.at[slot])
 
           rows = pl.ds(pl.multiple_of(row0 + i * t.tr, gmm_mosaic.TMA_ROW_ALIGN), t.tr)
-          landed = full.at[owner(j) * t.stages + slot]
-          plgpu.copy_gmem_to_smem(x_block(kb, rows), x_ring.at[slot], landed)
-          plgpu.copy_gmem_to_smem(dy_block(nj, rows), dy_ring.at[slot], landed)
+          plgpu.copy_gmem_to_smem(x_block(kb, rows), x_ring.at[slot], full.at[slot])
+          plgpu.copy_gmem_to_smem(dy_block(nj, rows), dy_ring.at[slot], full.at[slot])
           return s + 1
 
         return lax.fori_loop(0, steps, step_loads, s)
@@ -356,19 +325,17 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
     @pl.when(wg < 2)
     def _compute():
       plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-      mine = (lambda j: owner(j) == wg) if pingpong else (lambda j: True)
-      full_base = wg * t.stages if pingpong else 0
 
       def item_compute(j, s):
         g, kb, nj, start, end, row0, steps = item(sm + j * num_sms)
 
-        @pl.when(mine(j) & (steps > 0))
+        @pl.when(steps > 0)
         def _reduce():
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tko, t.tn), jnp.float32))
           def _acc(acc_ref):
             def step_compute(i, acc_ref):
               slot = lax.rem(s + i, t.stages)
-              plgpu.barrier_wait(full.at[full_base + slot])
+              plgpu.barrier_wait(full.at[slot])
               mma(acc_ref, x_ring.at[slot], dy_ring.at[slot], wg, row0 + i * t.tr, start, end)
               plgpu.barrier_arrive(empty.at[slot])
               return acc_ref
@@ -376,7 +343,7 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
             lax.fori_loop(0, steps, step_compute, acc_ref)
             store_acc(out_smem, wg, g, kb, nj, acc_ref)
 
-        @pl.when(mine(j) & (steps == 0))
+        @pl.when(steps == 0)
         def _empty_group():
           store_zeros(out_smem, wg, g, kb, nj)
 
@@ -424,7 +391,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   meta = item_plan(group_sizes, m, padded, t)
   grid = num_sms or gmm_mosaic.default_num_sms(interpret)
   kernel = functools.partial(_kernel, t=t, num_groups=num_groups, k_blocks=k // t.tko,
-                             n_ctas=n // cta_cols(t), num_rows=padded, num_sms=grid)
+                             n_ctas=n // (2 * t.tn), num_rows=padded, num_sms=grid)
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),

@@ -116,7 +116,7 @@ def test_gmm_benchmark_refuses_bad_impls_before_compute():
 
   check = lambda impls, modes, baseline: tv.check_impls(impls, modes, baseline, parse)
   bench = tv
-  check(["tgmm_mosaic", "tgmm_mosaic@pipeline=pingpong"], ["tgmm"], "first")
+  check(["tgmm_mosaic", "tgmm_mosaic@pipeline=per_item"], ["tgmm"], "first")
   check(["pallas_mosaic", "tgmm_mosaic@stages=2", "pallas_mosaic@split=m"],
         ["fwd", "dx", "tgmm"], "first")
   with pytest.raises(ValueError, match="tm/tn/tk/stages/window"):

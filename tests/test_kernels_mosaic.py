@@ -442,32 +442,16 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
      tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="per_item", order="size")),
     ("flat_size_order", 200, 128, 256, [10, 0, 120, 40],
      tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat", order="size")),
-    # Each warpgroup on its own items over one shared ring: 0, 1, 2 or 3 steps per
-    # item, so a warpgroup's next slot is anywhere in the ring and the other's
-    # items (empty ones too) lie between; 3 stages, not a multiple of 2 owners.
-    ("pingpong_small_groups", 192, 256, 256, [10, 20, 0, 5, 130],
-     tgmm_mosaic.Tiles(tn=64, stages=3, pipeline="pingpong")),
-    ("pingpong_one_chunk", 200, 128, 256, [50, 0, 77, 30],
-     tgmm_mosaic.Tiles(tn=128, epi_n=128, stages=2, pipeline="pingpong")),
-    # N = 3 tn: an odd number of column blocks, which "flat" (2 tn a CTA) refuses.
-    ("pingpong_odd_column_blocks", 200, 128, 192, [50, 0, 77, 30],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="pingpong")),
-    ("pingpong_no_rows", 64, 128, 128, [0, 0],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="pingpong")),
-    ("pingpong_grid_fallback", 128, 128, 128, [70, 58],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="pingpong")),
-    ("pingpong_windows", 150, 512, 512, [40, 60, 1, 30],
-     tgmm_mosaic.Tiles(tn=64, stages=3, window=2, window_from=1, pipeline="pingpong")),
 ]
 
 
 # Cases that name no pipeline run on the default (flat ring, size order); those
-# without "flat", "order" or "pingpong" in their name run again on the per-item pipeline in
+# without "flat" or "order" in their name run again on the per-item pipeline in
 # group order (the kernel before the flat ring, kept to compare).
 TGMM_PARAMS = [pytest.param(*c[1:], id=c[0]) for c in TGMM_CASES] + [
     pytest.param(*c[1:5], dataclasses.replace(c[5], pipeline="per_item", order="index"),
                  id=f"{c[0]}-per_item")
-    for c in TGMM_CASES if not any(w in c[0] for w in ("flat", "order", "pingpong"))]
+    for c in TGMM_CASES if "flat" not in c[0] and "order" not in c[0]]
 
 
 @needs_transpose
@@ -596,8 +580,6 @@ LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
     ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
      tgmm_mosaic.Tiles(pipeline="per_item", order="index"), False),
-    ("tgmm_pingpong", "tgmm", 1000, 256, 384, 4,
-     tgmm_mosaic.Tiles(tn=128, epi_n=128, stages=5, pipeline="pingpong"), False),
     ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
     ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
     ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
