@@ -56,8 +56,7 @@ from experiments import gmm_torch  # noqa: E402  pylint: disable=g-import-not-at
 from experiments.gmm_common import (  # noqa: E402  pylint: disable=g-import-not-at-top
     SHAPES, group_sizes, make_inputs, rel_err)
 from experiments.tile_variants import (  # noqa: E402  pylint: disable=g-import-not-at-top
-    GMM_FIELDS, GMM_REQUIRED, TGMM_FIELDS, TGMM_REQUIRED, check_impls, first_in_mode,
-    has_kernel, variant_tiles)
+    check_impls, first_in_mode, has_kernel, parse_variant)
 
 _SHAPES = flags.DEFINE_list("shapes", ["llama-ish", "fine-768", "fine-1408", "dsv3", "decode"],
                             f"names from {sorted(SHAPES)}")
@@ -165,8 +164,7 @@ def impl_fn(name):
 
 def _mosaic_tiles(name, m, k, n, e):
   """A ``pallas_mosaic@...`` variant's tiles for the product [m, k] x [e, k, n]."""
-  return variant_tiles(name, gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED,
-                       gmm_mosaic.default_tiles(m, k, n, e))
+  return parse_variant(name, gmm_mosaic.default_tiles(m, k, n, e))
 
 
 def mosaic_variant(name):
@@ -181,11 +179,8 @@ def mosaic_variant(name):
 
 def dx_fn(name):
   """The input-gradient product alone, dy[M, N] @ w[g]^T with w[E, K, N] (mode dx),
-  with the Mosaic kernel's default tiles or a ``pallas_mosaic@...`` variant's; None
-  for other impls."""
-  if name != "pallas_mosaic" and not name.startswith("pallas_mosaic@"):
-    return None
-
+  with the Mosaic kernel's default tiles or a ``pallas_mosaic@...`` variant's (the
+  impls ``tile_variants.has_kernel`` gives a dx mode)."""
   def run(dy, w, gs):
     tiles = None
     if "@" in name:
@@ -199,8 +194,7 @@ def tgmm_variant(name):
   """``tgmm_mosaic@tko/tn/tr/stages[/window[/window_from[/group_aligned]]][/field=value...]``
   or ``tgmm_mosaic@field=value[/...]`` (changes to the default tiles): mode tgmm only."""
   def run(x, dy, gs):
-    tiles = variant_tiles(name, tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED,
-                          tgmm_mosaic.default_tiles(x.shape[1], dy.shape[1]))
+    tiles = parse_variant(name, tgmm_mosaic.default_tiles(x.shape[1], dy.shape[1]))
     return tgmm_mosaic.tgmm(x, dy, gs, tiles=tiles, interpret=_INTERPRET.value)
   return run
 
@@ -214,9 +208,7 @@ def tgmm_fn(name):
   if name.startswith("tgmm_mosaic@"):
     return tgmm_variant(name)
   backend = {"pallas_triton": "triton", "pallas_mosaic": "mosaic",
-             "pallas_mosaic_bf16x3": "mosaic_bf16x3"}.get(name)
-  if backend is None:
-    return None
+             "pallas_mosaic_bf16x3": "mosaic_bf16x3"}[name]
   return lambda x, dy, gs: gmm_lib.tgmm_call(x, dy, gs, x.dtype, num_rows=x.shape[0],
                                              backend=backend, interpret=_INTERPRET.value)
 
@@ -266,18 +258,18 @@ def check(log):
 
 def check_variants(log, x, w, gs, dy, ry, rdx, rdw, shape, dist):
   """Mosaic tile variants (16-bit only) against the same references: y and dx for
-  ``pallas_mosaic@...``, dw for ``tgmm_mosaic@...``. A variant the shape does not
-  fit (off the tile grid) is skipped."""
+  ``pallas_mosaic@...``, dw for ``tgmm_mosaic`` and ``tgmm_mosaic@...``. A variant
+  the shape does not fit (off the tile grid) is skipped."""
   m = x.shape[0]
   tail = m - int(np.sum(np.asarray(gs)))
-  for impl in [i for i in _IMPLS.value if "@" in i]:
+  for impl in [i for i in _IMPLS.value if "@" in i or i == "tgmm_mosaic"]:
     try:
       if impl.startswith("pallas_mosaic@"):
         outs = jax.jit(lambda a, b, g, d: (mosaic_variant(impl)(a, b, g),
                                            dx_fn(impl)(d, b, g)))(x, w, gs, dy)
         refs = (ry, rdx)
       else:
-        outs = (jax.jit(tgmm_variant(impl))(x, dy, gs),)
+        outs = (jax.jit(tgmm_fn(impl))(x, dy, gs),)
         refs = (rdw,)
     except ValueError as exc:
       print(f"check {impl} {shape}: not run ({exc})"[:300], flush=True)
@@ -338,13 +330,6 @@ def mode_fn(impl, mode):
   if mode == "fwd":
     return impl_fn(impl)
   return fwdbwd(impl_fn(impl))
-
-
-def parse_variant(name):
-  """Raises on a malformed ``pallas_mosaic@...`` or ``tgmm_mosaic@...`` name."""
-  if name.startswith("tgmm_mosaic@"):
-    return variant_tiles(name, tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED)
-  return variant_tiles(name, gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED)
 
 
 def timed_call(impl, mode, x, w, dy, gs):
@@ -496,7 +481,7 @@ def main(argv):
   log = []
   if not (_TORCH.value or _AUTOTUNE.value):
     try:
-      check_impls(_IMPLS.value, _MODES.value, _BASELINE.value, parse_variant)
+      check_impls(_IMPLS.value, _MODES.value, _BASELINE.value)
     except ValueError as exc:
       raise app.UsageError(str(exc)) from exc
   if _CHECK.value:

@@ -54,14 +54,14 @@ def _compile(impl: str, shape: str, mode: str, rows: int, interpret: bool,
   if mode == "tgmm":
     tiles = tgmm_mosaic.default_tiles(k, n)
     if "@" in impl:
-      tiles = tv.variant_tiles(impl, tgmm_mosaic.Tiles, tv.TGMM_FIELDS, tv.TGMM_REQUIRED, tiles)
+      tiles = tv.parse_variant(impl, tiles)
     fn = functools.partial(tgmm_mosaic.tgmm, tiles=tiles, interpret=interpret)
     args = (x, dy, gs)
   else:  # fwd: x[M, K] @ w[g]; dx: dy[M, N] @ w[g]^T with w[E, K, N]
     kk, nn = (n, k) if mode == "dx" else (k, n)
     tiles = gmm_mosaic.default_tiles(m, kk, nn, e)
     if "@" in impl:
-      tiles = tv.variant_tiles(impl, gmm_mosaic.Tiles, tv.GMM_FIELDS, tv.GMM_REQUIRED, tiles)
+      tiles = tv.parse_variant(impl, tiles)
     fn = functools.partial(gmm_mosaic.gmm, tiles=tiles, transpose_rhs=mode == "dx",
                            interpret=interpret)
     args = (dy if mode == "dx" else x, w, gs)

@@ -51,6 +51,18 @@ def variant_tiles(name, tiles_cls, names, required, defaults=None):
   return dataclasses.replace(defaults, **values)
 
 
+def parse_variant(name, defaults=None):
+  """A ``pallas_mosaic@...`` or ``tgmm_mosaic@...`` name -> that kernel's Tiles
+  (``variant_tiles`` with the kernel's class and field order); raises on a
+  malformed name."""
+  from moe_kernels import gmm_mosaic, tgmm_mosaic  # pylint: disable=g-import-not-at-top
+  if name.startswith("tgmm_mosaic@"):
+    return variant_tiles(name, tgmm_mosaic.Tiles, TGMM_FIELDS, TGMM_REQUIRED, defaults)
+  if name.startswith("pallas_mosaic@"):
+    return variant_tiles(name, gmm_mosaic.Tiles, GMM_FIELDS, GMM_REQUIRED, defaults)
+  raise ValueError(f"{name!r} is not a variant ({', '.join(p + '...' for p in VARIANT_PREFIXES)})")
+
+
 MODES = ("fwd", "fwdbwd", "tgmm", "dx")
 IMPLS = ("pallas_mosaic", "pallas_triton", "pallas_mosaic_bf16x3", "ragged_dot",
          "pallas_dense", "pallas_e1", "tgmm_mosaic")
@@ -72,10 +84,10 @@ def has_kernel(impl, mode) -> bool:
   return True
 
 
-def check_impls(impls, modes, baseline, parse_variant):
+def check_impls(impls, modes, baseline):
   """Refuses, before any compute: unknown modes or impl names, malformed variant
-  names (``parse_variant(name)`` raises), impls with no kernel in any of
-  ``modes``, and with ``baseline="first"`` a mode that no impl has."""
+  names, impls with no kernel in any of ``modes``, and with ``baseline="first"``
+  a mode that no impl has."""
   for mode in modes:
     if mode not in MODES:
       raise ValueError(f"--modes: {mode!r} is not one of {MODES}")

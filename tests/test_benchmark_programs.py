@@ -103,19 +103,10 @@ def test_tile_variant_names():
 
 
 def test_gmm_benchmark_refuses_bad_impls_before_compute():
-  # benchmark_gmm defines absl flags that clash with benchmark_moe_layer's in one
-  # process; the name checks live in tile_variants, and the malformed-variant
-  # check gets the variant parser benchmark_gmm passes it.
+  # The checks live in tile_variants: benchmark_gmm's absl flags clash with
+  # benchmark_moe_layer's in one process, so its own refusal runs in a subprocess.
   from experiments import tile_variants as tv  # pylint: disable=g-import-not-at-top
-  from moe_kernels import gmm_mosaic, tgmm_mosaic  # pylint: disable=g-import-not-at-top
-
-  def parse(name):
-    if name.startswith("tgmm_mosaic@"):
-      return tv.variant_tiles(name, tgmm_mosaic.Tiles, tv.TGMM_FIELDS, tv.TGMM_REQUIRED)
-    return tv.variant_tiles(name, gmm_mosaic.Tiles, tv.GMM_FIELDS, tv.GMM_REQUIRED)
-
-  check = lambda impls, modes, baseline: tv.check_impls(impls, modes, baseline, parse)
-  bench = tv
+  check = tv.check_impls
   check(["tgmm_mosaic", "tgmm_mosaic@pipeline=per_item"], ["tgmm"], "first")
   check(["pallas_mosaic", "tgmm_mosaic@stages=2", "pallas_mosaic@split=m"],
         ["fwd", "dx", "tgmm"], "first")
@@ -133,11 +124,20 @@ def test_gmm_benchmark_refuses_bad_impls_before_compute():
   # mode; a mode none has is refused (ninth session: with no such impl the tgmm
   # rows were silently timed against dense instead).
   impls = ["pallas_mosaic@split=m", "tgmm_mosaic", "tgmm_mosaic@stages=2"]
-  assert bench.first_in_mode(impls, "fwd") == "pallas_mosaic@split=m"
-  assert bench.first_in_mode(impls, "tgmm") == "tgmm_mosaic"
+  assert tv.first_in_mode(impls, "fwd") == "pallas_mosaic@split=m"
+  assert tv.first_in_mode(impls, "tgmm") == "tgmm_mosaic"
   with pytest.raises(ValueError, match="none of --impls has a kernel in mode 'tgmm'"):
     check(["pallas_mosaic@split=m", "ragged_dot"], ["fwd", "tgmm"], "first")
   check(["pallas_mosaic@split=m", "ragged_dot"], ["fwd", "tgmm"], "dense")
+  # The program refuses before its device checks (--check) run anything.
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark_gmm", "--interpret", "--check",
+       "--shapes=tiny-mosaic", "--impls=pallas_mosiac", "--modes=fwd"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0
+  assert "'pallas_mosiac' is not one of" in out.stderr, out.stderr[-2000:]
+  assert '"kind": "check"' not in out.stdout, out.stdout[-2000:]
 
 
 def test_gmm_benchmark_tile_variants_smoke():
