@@ -19,8 +19,7 @@ Structure of one CTA (three warpgroups, one CTA per SM, persistent):
   memory warpgroup prefetches the next item's tiles while the compute
   warpgroups store the current one. Items run in windows of ``window`` visits
   that sweep the column blocks (snaking), so a weight block is fetched from
-  HBM once per window rather than once per visit; windows of groups too small
-  to reuse their weights are spread among the others (``Tiles.light_max``).
+  HBM once per window rather than once per visit.
 
 The epilogue stores a visit's rows [lo, hi) of the tile with TMA. TMA box sizes
 are static, so a partial row range is stored as at most log2(tm) + 1 boxes of
@@ -67,23 +66,6 @@ class Tiles:
   # (visits minor), so one weight block is reused by up to ``window`` row tiles
   # while it is in L2, instead of every wave streaming all of w[g]'s columns.
   window: int = 4
-  # Groups with at most this many visits (row tiles) are "light": their weight
-  # blocks are barely reused, so their items wait on HBM. Their windows are
-  # spread among the heavy groups' windows (schedule.interleave_light_visits) so
-  # each wave mixes HBM-bound and tensor-core-bound items. 0 keeps group order.
-  # Off by default: measured no gain on skewed groups, and its reordering costs
-  # about 40 us per call (docs/benchmarks.md).
-  light_max: int = 0
-  # Overlap each item's epilogue with the next item's first loads (jax's
-  # "pipeline of pipelines": the memory warpgroup does not wait for the compute
-  # warpgroups to drain before it starts on the CTA's next item). Needs
-  # K / tk to be a multiple of the ring depth; otherwise it is skipped. Off by
-  # default: correct on the H100 but measured no faster (docs/benchmarks.md).
-  overlap: bool = False
-  # Row tiles start at their group's first row (schedule.group_aligned_visits),
-  # not on the tm grid, where a group straddling a tile boundary is visited once
-  # more (schedule.make_schedule). Kept switchable to measure one against the other.
-  group_aligned: bool = True
   # How the two compute warpgroups share the CTA's [tm, 2 tn] tile. "n": each owns
   # [tm, tn] (a column half). "m": each owns [tm / 2, 2 tn] (a row half), so a
   # visit whose rows all lie in one half (the short last tile of most groups)
@@ -91,13 +73,6 @@ class Tiles:
   # warpgroup that has rows: compute follows the visit's rows in steps of
   # tm / 2 instead of tm.
   split: str = "n"
-  # With split="m", whether a warpgroup whose half holds none of a visit's rows
-  # skips its wgmma (False runs it anyway: to time the row layout without the skip).
-  skip_idle: bool = True
-  # Pipeline steps a consumed ring slot is held before it is released, so that a
-  # warpgroup keeps this many wgmma groups in flight (wgmma_wait(delay_release))
-  # instead of draining the tensor cores every step. Not with ``overlap``.
-  delay_release: int = 0
 
   @property
   def wg_rows(self) -> int:
@@ -140,12 +115,12 @@ def default_tiles(m: int, k: int, n: int, num_groups: int, out_dtype=jnp.bfloat1
     # 128-column CTAs: 256 rows split by rows gives each warpgroup 128 x 128, not
     # 128 x 64, and skips a half with no rows (H200: fine-1408 forward 0.617 ->
     # 0.575 ms balanced, 0.671 -> 0.632 skewed). With 256 columns the row split
-    # (64 x 256 a warpgroup) measured slower: docs/benchmarks.md, sixth session.
+    # (64 x 256 a warpgroup) measured slower (H200: dsv3 skewed 6.73 -> 8.14 ms).
     tm, split = 256, "m"
-  # A 3-deep ring measured faster for long contractions on skewed groups (dsv3,
-  # K=7168: 0.68 -> 0.83 of dense) and level elsewhere at K >= 4096; shorter
-  # contractions and tn=64 keep 4 (docs/benchmarks.md, third session). A float32
-  # output doubles the epilogue buffers: 4 stages at tn=128 no longer fit.
+  # A 3-deep ring measured faster for long contractions on skewed groups (H100,
+  # dsv3, K=7168: 0.68 -> 0.83 of dense) and level elsewhere at K >= 4096; shorter
+  # contractions and tn=64 measured slower with it and keep 4. A float32 output
+  # doubles the epilogue buffers: 4 stages at tn=128 no longer fit.
   stages = 3 if k >= 4096 and tn == 128 else 4
   out_itemsize = jnp.dtype(out_dtype).itemsize
   return fit_stages(Tiles(tm=tm, tn=tn, stages=stages, split=split),
@@ -182,10 +157,6 @@ def tiles_reason(t: Tiles) -> Optional[str]:
   if t.wg_rows * t.wg_cols > MAX_ACC_VALUES:
     return (f"tm={t.tm}, tn={t.tn} with split={t.split!r} gives each warpgroup a "
             f"{t.wg_rows}x{t.wg_cols} accumulator, over {MAX_ACC_VALUES} values")
-  if t.delay_release < 0 or t.delay_release >= t.stages:
-    return f"delay_release={t.delay_release} must be in [0, stages={t.stages})"
-  if t.overlap and t.delay_release:
-    return "overlap (a pipeline of pipelines) does not take delay_release"
   return None
 
 
@@ -228,7 +199,7 @@ def default_num_sms(interpret) -> int:
 
 def item_coords(idx, window: int, n_ctas: int):
   """Work item -> (visit, column block): windows of visits sweep the column blocks,
-  snaking. Works on scalars in the kernel and on arrays outside it."""
+  snaking."""
   per_window = window * n_ctas
   win = lax.div(idx, per_window)
   r = lax.rem(idx, per_window)
@@ -237,40 +208,9 @@ def item_coords(idx, window: int, n_ctas: int):
   return visit, jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
 
 
-def visit_order(meta: jax.Array, num_groups: int, t: Tiles) -> jax.Array:
-  """The visits in the order the kernel walks them, a multiple of ``t.window`` rows
-  (the extra rows are no-op visits)."""
-  if t.light_max > 0:
-    return sched_lib.interleave_light_visits(meta, num_groups, t.window, t.light_max)
-  num_visits = sched_lib.pl_cdiv(meta.shape[0], t.window) * t.window
-  noop = jnp.array([[num_groups + 1, 0, 0, 0]], jnp.int32)
-  return jnp.concatenate([meta, jnp.repeat(noop, num_visits - meta.shape[0], axis=0)])
-
-
-def overlap_steps(t: Tiles, k_steps: int) -> bool:
-  return t.overlap and k_steps % min(t.stages, k_steps) == 0
-
-
-def pipeline_states(computes: jax.Array, num_sms: int) -> jax.Array:
-  """Per work item, its place in its CTA's chain of pipelines: START for the
-  CTA's first item that runs the pipeline, STOP for its last, STEADY between
-  (a CTA with one such item gets START). ``computes[i]``: item i runs one."""
-  num_items = computes.shape[0]
-  rounds = sched_lib.pl_cdiv(num_items, num_sms)
-  c = jnp.pad(computes, (0, rounds * num_sms - num_items)).reshape(rounds, num_sms)
-  r = jnp.arange(rounds)[:, None]
-  first = jnp.argmax(c, axis=0)
-  last = rounds - 1 - jnp.argmax(c[::-1], axis=0)
-  p = plgpu.PipelinePipeline
-  state = jnp.where(r == first, int(p.START), jnp.where(r == last, int(p.STOP), int(p.STEADY)))
-  return state.reshape(-1)[:num_items].astype(jnp.int32)
-
-
-def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
-            num_groups: int, num_items: int, n_ctas: int, k_steps: int,
-            transpose_rhs: bool):
-  # meta_gmem has a multiple of t.window rows (padding rows are no-op visits);
-  # state_gmem[i] is item i's PipelinePipeline state (see pipeline_states).
+def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: int,
+            num_items: int, n_ctas: int, k_steps: int, transpose_rhs: bool):
+  # meta_gmem has a multiple of t.window rows (padding rows are no-op visits).
   dtype = lhs_gmem.dtype
   out_dtype = out_gmem.dtype
   itemsize = jnp.dtype(dtype).itemsize
@@ -278,20 +218,18 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
                 plgpu.SwizzleTransform(swizzle))
   cta_n = 2 * t.tn
-  concurrent = min(t.stages, k_steps)
-  delay = min(t.delay_release, concurrent - 1)  # a short contraction has fewer slots
-  spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=delay)
+  spec = functools.partial(plgpu.BlockSpec, transforms=transforms)
   if transpose_rhs:  # rhs[g] is [N, K]: load [2tn, tk] blocks, feed wgmma transposed
     b_spec = spec((cta_n, t.tk), lambda kb: (0, kb))
   else:
     b_spec = spec((t.tk, cta_n), lambda kb: (kb, 0))
   a_spec = spec((t.tm, t.tk), lambda kb: (0, kb))
 
-  def make_pipeline(body, context, state=None):
+  def make_pipeline(body, context):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_steps,), memory_registers=40, in_specs=[a_spec, b_spec],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=concurrent,
-        compute_context=context, pipeline_state=state)
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=min(t.stages, k_steps),
+        compute_context=context)
 
   def rhs_block(group, nj):
     cols = pl.ds(nj * cta_n, cta_n)
@@ -359,23 +297,18 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
         if by_rows:
           a = a_smem.at[pl.ds(pl.multiple_of(wg * t.wg_rows, t.wg_rows), t.wg_rows)]
           b = b_smem.transpose((1, 0)) if transpose_rhs else b_smem
-
-          if t.skip_idle:
-            pl.when(my_size > 0)(lambda: plgpu.wgmma(acc_ref, a, b))  # else no rows here
-          else:
-            plgpu.wgmma(acc_ref, a, b)
+          pl.when(my_size > 0)(lambda: plgpu.wgmma(acc_ref, a, b))  # else no rows here
         else:
           cols = pl.ds(wg * t.tn, t.tn)
           b = b_smem.at[cols, :].transpose((1, 0)) if transpose_rhs else b_smem.at[:, cols]
           plgpu.wgmma(acc_ref, a_smem, b)
-        plgpu.wgmma_wait(delay)
+        plgpu.wgmma_wait(0)
         return acc_ref
 
       @pl.when(group < num_groups)
       def _compute():
-        state = state_gmem[idx] if overlap_steps(t, k_steps) else None
-        make_pipeline(mma, context, state)(lhs_gmem.at[pl.ds(row0, t.tm), :],
-                                           rhs_block(group, nj), allocations=allocs)
+        make_pipeline(mma, context)(lhs_gmem.at[pl.ds(row0, t.tm), :],
+                                    rhs_block(group, nj), allocations=allocs)
 
       @pl.when((group == num_groups) & (wg < 2) & (my_size > 0))
       def _zero_tail():
@@ -387,7 +320,7 @@ def _kernel(meta_gmem, state_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles,
 # A jit boundary per kernel call: every MoE layer of a model makes the same call,
 # and jax lowers one jitted function once per module, so a 16-layer train step
 # carries one copy of each Mosaic kernel instead of 16 (measured: the lowered
-# text of 4 layers fell from 5.9 MB to 1.9 MB; docs/benchmarks.md).
+# text of 4 layers fell from 5.9 MB to 1.9 MB).
 @functools.partial(jax.jit, static_argnames=("out_dtype", "transpose_rhs", "tiles",
                                              "interpret", "num_sms"))
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
@@ -421,22 +354,15 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   padded = max(sched_lib.pl_cdiv(m, TMA_ROW_ALIGN) * TMA_ROW_ALIGN, t.tm)
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
-  sizes = group_sizes.astype(jnp.int32)
-  if t.group_aligned:
-    meta = sched_lib.group_aligned_visits(sizes, padded, t.tm, TMA_ROW_ALIGN)
-  else:  # the tm grid: column 1 holds a tile index; the kernel wants its first row
-    meta = sched_lib.make_schedule(sizes, padded, t.tm).visit_meta
-    meta = meta.at[:, 1].multiply(t.tm)
-  meta = visit_order(meta, num_groups, t)
-  num_visits = meta.shape[0]
+  meta = sched_lib.group_aligned_visits(group_sizes.astype(jnp.int32), padded, t.tm,
+                                       TMA_ROW_ALIGN)
+  # Whole windows of visits: the extra ones are no-ops (group E + 1).
+  num_visits = sched_lib.pl_cdiv(meta.shape[0], t.window) * t.window
+  noop = jnp.array([[num_groups + 1, 0, 0, 0]], jnp.int32)
+  meta = jnp.concatenate([meta, jnp.repeat(noop, num_visits - meta.shape[0], axis=0)])
   n_ctas = n // (2 * t.tn)
   num_items = num_visits * n_ctas
   grid = num_sms or default_num_sms(interpret)
-  if overlap_steps(t, k // t.tk):
-    visit, _ = item_coords(jnp.arange(num_items, dtype=jnp.int32), t.window, n_ctas)
-    states = pipeline_states(meta[visit, 0] < num_groups, grid)
-  else:  # unread: the kernel runs each item's pipeline on its own
-    states = jnp.zeros((1,), jnp.int32)
   kernel = functools.partial(
       _kernel, t=t, num_groups=num_groups, num_items=num_items,
       n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs)
@@ -451,5 +377,5 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret_params(interpret),
   )
-  out = call(meta, states, x, w)
+  out = call(meta, x, w)
   return out[:m] if padded != m else out

@@ -69,7 +69,7 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, tm: int) -> GroupSchedu
   offset = cum - visits
   t = jnp.arange(max_visits(num_rows, num_groups, tm), dtype=jnp.int32)
   # compare_all: one fused comparison. The default "scan" method is a loop of
-  # small kernels that cost 0.1 to 0.25 ms per call on an H100 (docs/benchmarks.md).
+  # small kernels that cost 0.1 to 0.25 ms per call on an H100.
   group = jnp.searchsorted(cum, t, side="right", method="compare_all").astype(jnp.int32)
   group = jnp.minimum(group, num_groups + 1)  # past the last visit: no-op
   block = jnp.where(group <= num_groups,
@@ -125,47 +125,3 @@ def group_aligned_visits(group_sizes: jax.Array, num_rows: int, tm: int,
   row0 = jnp.where(real, jnp.minimum(tile, num_rows - tm), 0)
   return jnp.stack([group, row0, lo, hi], axis=1).astype(jnp.int32)
 
-
-def interleave_light_visits(visit_meta: jax.Array, num_groups: int, window: int,
-                            light_max: int) -> jax.Array:
-  """Reorders visits so windows of "light" groups are spread among the heavy ones.
-
-  A group with at most ``light_max`` visits reuses each weight block for at most
-  that many row tiles, so its visits are bound by HBM rather than by the tensor
-  cores; run back to back (as in group order) they starve the tensor cores, then
-  the heavy groups starve HBM. Here the visits are split into three streams that
-  keep their group order: heavy groups, light groups, and the zero tail. Each
-  stream is cut into windows of ``window`` visits; light windows are spread evenly
-  among the heavy ones (by the midpoint of each window within its stream) and the
-  tail comes last. Every visit keeps its metadata row, so the kernel is unchanged.
-
-  Returns ``[R, 4]`` with ``R`` a static multiple of ``window``; rows that hold
-  no visit are no-op visits (group ``num_groups + 1``).
-  """
-  num_rows = visit_meta.shape[0]
-  group = visit_meta[:, 0]
-  counts = jnp.zeros((num_groups + 2,), jnp.int32).at[group].add(1)
-  real = group < num_groups
-  light = real & (counts[jnp.minimum(group, num_groups + 1)] <= light_max)
-  stream = jnp.where(real, jnp.where(light, 1, 0), jnp.where(group == num_groups, 2, 3))
-  onehot = (stream[:, None] == jnp.arange(3)[None, :]).astype(jnp.int32)
-  sizes = onehot.sum(axis=0)                                      # visits per stream
-  rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)
-  max_windows = pl_cdiv(num_rows, window)
-  windows = (sizes + window - 1) // window                       # per stream
-  w = jnp.arange(max_windows, dtype=jnp.float32)
-  big = jnp.float32(4 * max_windows + 4)
-  keys = jnp.stack([
-      jnp.where(w < windows[0], (w + 0.5) / jnp.maximum(windows[0], 1), big),
-      jnp.where(w < windows[1], (w + 0.5) / jnp.maximum(windows[1], 1), big),
-      jnp.where(w < windows[2], 2.0 + w, big),
-  ]).reshape(-1)
-  order = jnp.argsort(keys, stable=True)
-  position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-  slot = jnp.minimum(stream, 2) * max_windows + rank // window
-  out_row = position[slot] * window + rank % window
-  out_rows = (max_windows + 3) * window   # each stream wastes under one window
-  out_row = jnp.where(stream < 3, out_row, out_rows)              # no-op: dropped
-  noop = jnp.array([num_groups + 1, 0, 0, 0], jnp.int32)
-  out = jnp.broadcast_to(noop, (out_rows, 4))
-  return out.at[out_row].set(visit_meta, mode="drop")

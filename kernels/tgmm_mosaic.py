@@ -4,14 +4,14 @@
 ``dw[g] = x[rows of g]^T @ dy[rows of g]``: a contraction over each group's
 rows. Same CTA structure as ``gmm_mosaic`` (persistent, one memory and two
 compute warpgroups, TMA + wgmma); the compute warpgroups split the output
-columns. By default (``Tiles.pipeline="flat"``) one shared-memory ring serves
-all of a CTA's (item, step) pairs, so the memory warpgroup loads the next
-item's first steps while the compute warpgroups store the current tile, and
-groups are processed largest first (``Tiles.order="size"``).
+columns. One shared-memory ring serves all of a CTA's (item, step) pairs, so the
+memory warpgroup loads the next item's first steps while the compute warpgroups
+store the current tile.
 
 A work item is one [tko, 2 tn] output tile of one group (items ordered group by
-group, groups in ``Tiles.order``, and inside a group in windows of dw row blocks
-that sweep the column blocks together: see ``Tiles.window``). It reduces over the
+group, groups largest first by step count so the last items dealt to the CTAs
+are the shortest, and inside a group in windows of dw row blocks that sweep the
+column blocks together: see ``Tiles.window``). It reduces over the
 group's rows in steps of ``tr`` rows starting at the group's first row rounded
 down to a multiple of 8 (``step_plan``; a group near the end of x whose last
 step would run past the padded rows steps on the tr grid instead). A step can
@@ -51,21 +51,10 @@ class Tiles:
   # windows of up to ``window`` row blocks of dw sweep the column blocks
   # (snaking), so a wave of CTAs reads a few column blocks of dy and a few of
   # x rather than all of dy's columns at once. With fewer column blocks the
-  # column block varies fastest (measured faster there: docs/benchmarks.md).
+  # column block varies fastest (windows there measured slower on skewed groups,
+  # H100: fine-768 0.77 -> 0.68 of dense, dsv3 0.62 -> 0.54).
   window: int = 16
   window_from: int = 12
-  # Steps start at each group's first row (step_plan); False steps on the tr grid
-  # (one more step for a group straddling a block boundary), kept to compare.
-  group_aligned: bool = True
-  # "flat": one ring and one loop over all of a CTA's (item, step) pairs, so the
-  # memory warpgroup loads the next item's first steps while the compute
-  # warpgroups finish and store the current tile (dw tiles reduce over only a
-  # group's rows, so the per-item pipeline fill and drain are a large share).
-  # "per_item": one jax warp-specialized pipeline per item, kept to compare.
-  pipeline: str = "flat"
-  # Items in order of their group's step count, largest first ("size"), so the
-  # last items dealt to the CTAs are the shortest; or in group order ("index").
-  order: str = "size"
 
 
 def smem_bytes(t: Tiles, itemsize: int = 2, out_itemsize: int = 2) -> int:
@@ -90,17 +79,9 @@ def default_tiles(k: int, n: int, out_dtype=jnp.bfloat16) -> Tiles:
   return t
 
 
-PIPELINES = ("per_item", "flat")
-ORDERS = ("index", "size")
-
-
 def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
   if reason := gmm_mosaic.dtype_reason(dtype, "tgmm"):
     return reason
-  if tiles.pipeline not in PIPELINES:
-    return f"pipeline={tiles.pipeline!r} is not one of {PIPELINES}"
-  if tiles.order not in ORDERS:
-    return f"order={tiles.order!r} is not one of {ORDERS}"
   if k % tiles.tko:
     return f"x columns {k} are not a multiple of tko={tiles.tko}"
   if n % (2 * tiles.tn):
@@ -126,7 +107,6 @@ def _window(k_blocks: int, limit: int) -> int:
 
 
 def step_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, tr: int,
-              group_aligned: bool = True,
               align: int = gmm_mosaic.TMA_ROW_ALIGN) -> jax.Array:
   """Per group (first row, one past the last, first row of its first step, steps).
 
@@ -134,14 +114,13 @@ def step_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, tr: int,
   (TMA copies start on 8-row tiles; see gmm_mosaic.TMA_ROW_ALIGN), so a group of
   s rows takes about cdiv(s, tr) steps, where on the tr grid a group straddling
   a block boundary takes one more. A group whose steps would read past
-  ``padded_rows`` steps on the tr grid instead, as does every group with
-  ``group_aligned=False``.
+  ``padded_rows`` steps on the tr grid instead.
   """
   starts, ends = sched_lib.group_bounds(group_sizes.astype(jnp.int32), num_rows)
   nonempty = ends > starts
   first = starts // align * align
   steps = jnp.where(nonempty, (ends - first + tr - 1) // tr, 0)
-  fits = (first + steps * tr <= padded_rows) & group_aligned
+  fits = first + steps * tr <= padded_rows
   grid_first = starts // tr
   grid_steps = jnp.where(nonempty, (ends + tr - 1) // tr - grid_first, 0)
   row0 = jnp.where(fits, first, grid_first * tr)
@@ -149,8 +128,22 @@ def step_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, tr: int,
   return jnp.stack([starts, ends, row0, steps], axis=1).astype(jnp.int32)
 
 
+# Registers a thread of the memory warpgroup keeps; the compute warpgroups share the
+# rest of the 64K-register file (jax's warp-specialized pipeline makes the same split).
+MEMORY_REGISTERS = 40
+COMPUTE_REGISTERS = 232
+
+
 def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
-            k_blocks: int, n_ctas: int, num_rows: int, num_sms: int):
+            k_blocks: int, n_ctas: int, num_sms: int):
+  """One ring for all of a CTA's items: the memory warpgroup walks the CTA's
+  (item, step) pairs without stopping at item boundaries, the compute
+  warpgroups walk the same sequence and store each tile when its steps are done.
+
+  Ring slot s % stages holds the CTA's s-th step overall. ``full[slot]``
+  completes when both TMA copies of a step have landed; ``empty[slot]`` when
+  both compute warpgroups have finished the wgmma that read it.
+  """
   # meta_gmem[p] = (group, first row, one past the last row, first row of step 0,
   # steps) of the p-th group in processing order (see item_plan).
   dtype = x_gmem.dtype
@@ -210,81 +203,6 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
 
   def dy_block(nj, rows):
     return dy_gmem.at[rows, pl.ds(nj * cta_n, cta_n)]
-
-  if t.pipeline == "flat":
-    _flat_body(t, num_items, num_sms, transforms, dtype, out_dtype, item, x_block, dy_block,
-               mma, store_acc, store_zeros)
-    return
-
-  x_spec = plgpu.BlockSpec((t.tr, t.tko), lambda r: (r, 0), transforms=transforms)
-  dy_spec = plgpu.BlockSpec((t.tr, cta_n), lambda r: (r, 0), transforms=transforms)
-
-  def make_pipeline(body, context, steps):
-    return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=40, in_specs=[x_spec, dy_spec],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=t.stages,
-        compute_context=context)
-
-  ignore = lambda *_, **__: None
-  # The pipeline gets a num_rows-long row slice starting at the group's first
-  # block; it may reach past the array but only the group's blocks are read.
-  whole = pl.ds(0, num_rows)
-
-  @functools.partial(
-      pl.run_scoped,
-      allocs=make_pipeline(ignore, ignore, t.stages).get_allocations(
-          x_block(0, whole), dy_block(0, whole)),
-      out_smem=plgpu.SMEM((2, t.tko, t.epi_n), out_dtype),
-      collective_axes="wg")
-  def _scope(allocs, out_smem):
-    wg = lax.axis_index("wg")
-
-    @plgpu.nd_loop((num_items,), collective_axes="sm")
-    def _item(info):
-      (idx,) = info.index
-      g, kb, nj, start, end, row0, steps = item(idx)
-
-      def context(eval_pipeline):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((t.tko, t.tn), jnp.float32))
-        def _acc(acc_ref):
-          eval_pipeline(acc_ref)
-          store_acc(out_smem, wg, g, kb, nj, acc_ref)
-
-      def body(idxs, x_smem, dy_smem, acc_ref):
-        (step,) = idxs
-        mma(acc_ref, x_smem, dy_smem, wg, row0 + step * t.tr, start, end)
-        return acc_ref
-
-      @pl.when(steps > 0)
-      def _compute():
-        rows = pl.ds(row0, num_rows)
-        make_pipeline(body, context, steps)(x_block(kb, rows), dy_block(nj, rows),
-                                            allocations=allocs)
-
-      @pl.when((steps == 0) & (wg < 2))
-      def _empty_group():
-        store_zeros(out_smem, wg, g, kb, nj)
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
-# Registers a thread of the memory warpgroup keeps; the compute warpgroups share the
-# rest of the 64K-register file (jax's warp-specialized pipeline makes the same split).
-MEMORY_REGISTERS = 40
-COMPUTE_REGISTERS = 232
-
-
-def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item, x_block,
-               dy_block, mma, store_acc, store_zeros):
-  """One ring for all of a CTA's items: the memory warpgroup walks the CTA's
-  (item, step) pairs without stopping at item boundaries, the compute
-  warpgroups walk the same sequence and store each tile when its steps are done.
-
-  Ring slot s % stages holds the CTA's s-th step overall. ``full[slot]``
-  completes when both TMA copies of a step have landed; ``empty[slot]`` when
-  both compute warpgroups have finished the wgmma that read it.
-  """
-  cta_n = 2 * t.tn
 
   @functools.partial(
       pl.run_scoped,
@@ -354,12 +272,10 @@ def _flat_body(t: Tiles, num_items, num_sms, transforms, dtype, out_dtype, item,
 
 
 def item_plan(group_sizes: jax.Array, num_rows: int, padded_rows: int, t: Tiles) -> jax.Array:
-  """[E, 5] int32: per group in processing order, (group, then step_plan's row)."""
-  plan = step_plan(group_sizes, num_rows, padded_rows, t.tr, t.group_aligned)
-  if t.order == "size":
-    order = jnp.argsort(-plan[:, 3], stable=True).astype(jnp.int32)
-  else:
-    order = jnp.arange(plan.shape[0], dtype=jnp.int32)
+  """[E, 5] int32: per group, (group, then its step_plan row), largest step count
+  first (ties in group order)."""
+  plan = step_plan(group_sizes, num_rows, padded_rows, t.tr)
+  order = jnp.argsort(-plan[:, 3], stable=True).astype(jnp.int32)
   return jnp.concatenate([order[:, None], plan[order]], axis=1)
 
 
@@ -391,7 +307,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   meta = item_plan(group_sizes, m, padded, t)
   grid = num_sms or gmm_mosaic.default_num_sms(interpret)
   kernel = functools.partial(_kernel, t=t, num_groups=num_groups, k_blocks=k // t.tko,
-                             n_ctas=n // (2 * t.tn), num_rows=padded, num_sms=grid)
+                             n_ctas=n // (2 * t.tn), num_sms=grid)
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),

@@ -12,7 +12,6 @@ wait forever). The kernels refuse it there (tested), ``gmm(backend="mosaic")``
 sends those products to the Triton kernels, and the tests of the transposed
 product and of tgmm_mosaic are skipped.
 """
-import dataclasses
 
 import hypothesis
 from hypothesis import strategies as st
@@ -57,32 +56,15 @@ CASES = [  # (id, M, K, N, group sizes, tiles)
     ("tiles128", 256, 128, 256, [100, 0, 130], Tiles(tm=128, tn=128, stages=2)),
     # six groups straddling tiles, odd sizes (many power-of-two store boxes); tail 5
     ("straddle", 130, 64, 128, [10, 20, 0, 30, 4, 61], T),
-    # the same on the tm grid (the schedule before group-aligned tiles)
-    ("straddle_grid", 130, 64, 128, [10, 20, 0, 30, 4, 61],
-     Tiles(tm=64, tn=64, stages=2, group_aligned=False)),
-    # heavy groups (4 and 3 visits) around light ones (1 and 2 visits): the light
-    # windows move between the heavy ones; tail 58 rows
-    ("light_mixed", 448, 64, 256, [200, 10, 0, 150, 30],
-     Tiles(tm=64, tn=64, stages=2, window=2, light_max=2)),
-    ("light_off", 448, 64, 256, [200, 10, 0, 150, 30],
-     Tiles(tm=64, tn=64, stages=2, window=2, light_max=0)),
     # a 3-deep ring over 4 contraction steps (the default for K >= 4096); tail 40
     ("ring3", 200, 256, 256, [90, 0, 70], Tiles(tm=64, tn=64, stages=3)),
     # warpgroups split by rows (64 each): groups of 10 and 3 rows and the 22-row
     # second tile of the 150-row group have rows in one half only, so the other
     # warpgroup skips its wgmma and its stores; the 100-row group fills both; tail 37
     ("split_m", 300, 128, 128, [10, 100, 0, 3, 150], Tiles(tm=128, tn=64, stages=2, split="m")),
-    # the same with one wgmma group held in flight (slots released a step late)
-    ("split_m_delay", 300, 128, 128, [10, 100, 0, 3, 150],
-     Tiles(tm=128, tn=64, stages=2, split="m", delay_release=1)),
-    # the same computing the halves with no rows too (the A/B control of the skip)
-    ("split_m_no_skip", 300, 128, 128, [10, 100, 0, 3, 150],
-     Tiles(tm=128, tn=64, stages=2, split="m", skip_idle=False)),
     # 256-row tiles, 128 rows a warpgroup; the 200-row group's tile spans both halves
     ("split_m_tm256", 300, 128, 128, [10, 200, 0, 50],
      Tiles(tm=256, tn=64, stages=2, split="m")),
-    # column split with delayed release over 4 contraction steps through 3 slots
-    ("delay_n", 200, 256, 128, [70, 0, 50, 30], Tiles(tm=64, tn=64, stages=3, delay_release=1)),
 ]
 IDS = [c[0] for c in CASES]
 CASES = [c[1:] for c in CASES]
@@ -122,7 +104,7 @@ def test_interpret_poisons_outputs():
 
 FORWARD = ([pytest.param(*c, jnp.bfloat16, id=f"{i}-bf16") for i, c in zip(IDS, CASES)]
            + [pytest.param(*c, jnp.float16, id=f"{i}-f16") for i, c in zip(IDS, CASES)
-              if i in ("zeros_tail", "windows", "straddle", "light_mixed")])
+              if i in ("zeros_tail", "windows", "straddle")])
 
 
 @pytest.mark.parametrize("m, k, n, gs, tiles, dtype", FORWARD)
@@ -157,8 +139,6 @@ def test_default_tiles_fit_shared_memory(out_dtype):
     (Tiles(split="k"), "split='k' is not one of"),
     (Tiles(tm=64, split="m"), "32 rows, not a multiple of wgmma's 64"),
     (Tiles(tm=256, tn=128, split="m"), "128x256 accumulator"),
-    (Tiles(stages=2, delay_release=2), r"delay_release=2 must be in \[0, stages=2\)"),
-    (Tiles(overlap=True, delay_release=1), "overlap"),
 ])
 def test_bad_tiles_are_refused_by_name(tiles, match):
   x = jnp.ones((256, 128), jnp.bfloat16)
@@ -187,7 +167,7 @@ def test_default_tiles_split_128_column_ctas_by_rows():
 
 def test_tgmm_default_tiles_store_one_chunk_a_warpgroup():
   t = tgmm_mosaic.default_tiles(2048, 2048)
-  assert (t.tn, t.epi_n, t.stages, t.pipeline, t.order) == (128, 128, 3, "flat", "size")
+  assert (t.tn, t.epi_n, t.stages) == (128, 128, 3)
   assert tgmm_mosaic.default_tiles(2048, 1408).epi_n == 64 == tgmm_mosaic.default_tiles(
       2048, 1408).tn
   # A float32 dw keeps 64-column chunks rather than a 2-slot ring.
@@ -392,15 +372,14 @@ def test_registry_mosaic_impls_on_cpu(mosaic_calls):
 @hypothesis.given(
     m=st.integers(1, 300), k=st.sampled_from([64, 128]), n=st.sampled_from([128, 256]),
     sizes=st.lists(st.integers(0, 120), min_size=1, max_size=6),
-    window=st.sampled_from([1, 2, 4]), light_max=st.sampled_from([0, 1, 2]),
-    seed=st.integers(0, 2**16))
-def test_property_gmm_matches_reference(m, k, n, sizes, window, light_max, seed):
+    window=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_property_gmm_matches_reference(m, k, n, sizes, window, seed):
   gs = np.asarray(sizes, np.int32)
   # Trim the group sizes so that they fit in M (the remainder is the zero tail).
   gs = np.minimum(gs, np.maximum(m - (np.cumsum(gs) - gs), 0)).astype(np.int32)
   rng = np.random.default_rng(seed)
   x, w, _ = _inputs(rng, m, k, n, len(gs), jnp.bfloat16)
-  tiles = Tiles(tm=64, tn=64, stages=2, window=window, light_max=light_max)
+  tiles = Tiles(tm=64, tn=64, stages=2, window=window)
   ref = _ref_gmm(x, w, gs)
   y = gmm_mosaic.gmm(x, w, jnp.asarray(gs), tiles=tiles, interpret=True)
   _check_out(y, ref, gs, jnp.bfloat16)
@@ -415,8 +394,6 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     ("one_group", 256, 128, 128, [256], tgmm_mosaic.Tiles(tn=64, stages=2)),
     ("edges_mid_block", 130, 256, 256, [0, 100, 0], tgmm_mosaic.Tiles(tn=64, stages=3)),
     ("small_groups", 192, 128, 128, [10, 20, 5], tgmm_mosaic.Tiles(tn=64, stages=2)),
-    ("small_groups_grid", 192, 128, 128, [10, 60, 5],
-     tgmm_mosaic.Tiles(tn=64, stages=2, group_aligned=False)),
     ("no_rows", 64, 128, 128, [0, 0], tgmm_mosaic.Tiles(tn=64, stages=2)),
     # group 1's step from its first row (70) would read past M = 128: it steps on
     # the 64-row grid instead, masking rows 64..69 of group 0.
@@ -427,35 +404,19 @@ TGMM_CASES = [  # (id, M, K, N, group sizes, tiles)
     # One ring across each CTA's items (2 CTAs in the interpreter, 10 items each):
     # 0, 1 or 3 steps per item, not multiples of the ring depth, so slots and
     # barrier phases carry over item boundaries at every offset.
-    ("flat_small_groups", 192, 256, 256, [10, 20, 0, 5, 130],
-     tgmm_mosaic.Tiles(tn=64, stages=3, pipeline="flat")),
-    ("flat_empty_and_tail", 200, 128, 256, [50, 0, 77, 30],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
+    ("ring_across_items", 192, 256, 256, [10, 20, 0, 5, 130],
+     tgmm_mosaic.Tiles(tn=64, stages=3)),
     # one 128-column epilogue chunk a warpgroup (the default at tn = 128)
-    ("flat_one_chunk", 200, 128, 256, [50, 0, 77, 30],
-     tgmm_mosaic.Tiles(tn=128, epi_n=128, stages=2, pipeline="flat")),
-    ("flat_no_rows", 64, 128, 128, [0, 0], tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
-    ("flat_grid_fallback", 128, 128, 128, [70, 58],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat")),
-    # Groups by step count, largest first, on both pipelines.
-    ("size_order", 200, 128, 256, [10, 0, 120, 40],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="per_item", order="size")),
-    ("flat_size_order", 200, 128, 256, [10, 0, 120, 40],
-     tgmm_mosaic.Tiles(tn=64, stages=2, pipeline="flat", order="size")),
+    ("one_chunk", 200, 128, 256, [50, 0, 77, 30],
+     tgmm_mosaic.Tiles(tn=128, epi_n=128, stages=2)),
+    # groups processed by step count, largest first, not in group order
+    ("size_order", 200, 128, 256, [10, 0, 120, 40], tgmm_mosaic.Tiles(tn=64, stages=2)),
 ]
 
 
-# Cases that name no pipeline run on the default (flat ring, size order); those
-# without "flat" or "order" in their name run again on the per-item pipeline in
-# group order (the kernel before the flat ring, kept to compare).
-TGMM_PARAMS = [pytest.param(*c[1:], id=c[0]) for c in TGMM_CASES] + [
-    pytest.param(*c[1:5], dataclasses.replace(c[5], pipeline="per_item", order="index"),
-                 id=f"{c[0]}-per_item")
-    for c in TGMM_CASES if "flat" not in c[0] and "order" not in c[0]]
-
-
 @needs_transpose
-@pytest.mark.parametrize("m, k, n, gs, tiles", TGMM_PARAMS)
+@pytest.mark.parametrize("m, k, n, gs, tiles", [c[1:] for c in TGMM_CASES],
+                         ids=[c[0] for c in TGMM_CASES])
 def test_tgmm_matches_reference(m, k, n, gs, tiles):
   rng = np.random.default_rng(m + n)
   gs = np.asarray(gs, np.int32)
@@ -472,28 +433,21 @@ def test_tgmm_matches_reference(m, k, n, gs, tiles):
 
 def test_item_plan_orders_groups_by_steps():
   gs = jnp.array([10, 0, 300, 64, 130], jnp.int32)
-  t = tgmm_mosaic.Tiles(order="size")
-  plan = np.asarray(tgmm_mosaic.item_plan(gs, 504, 512, t))
+  plan = np.asarray(tgmm_mosaic.item_plan(gs, 504, 512, tgmm_mosaic.Tiles()))
   assert list(plan[:, 0]) == [2, 4, 3, 0, 1]   # 5, 3, 2, 1 and 0 steps
   assert list(plan[:, 4]) == [5, 3, 2, 1, 0]
-  by_index = np.asarray(
-      tgmm_mosaic.item_plan(gs, 504, 512, tgmm_mosaic.Tiles(order="index")))
-  assert list(by_index[:, 0]) == [0, 1, 2, 3, 4]
-  # Same rows per group either way, only their order differs.
-  np.testing.assert_array_equal(by_index[plan[:, 0]], plan)
+  # Each group keeps its own step_plan row, only the order differs.
+  np.testing.assert_array_equal(
+      plan[:, 1:], np.asarray(tgmm_mosaic.step_plan(gs, 504, 512, 64))[plan[:, 0]])
 
 
-@pytest.mark.parametrize("tiles, match", [
-    (tgmm_mosaic.Tiles(pipeline="ring"), "pipeline='ring' is not one of"),
-    (tgmm_mosaic.Tiles(order="random"), "order='random' is not one of"),
-    # The neighbour-row mask needs whole 64-row wgmma tiles; without this refusal
-    # Mosaic fails deep in layout inference (H200 run, eighth session).
-    (tgmm_mosaic.Tiles(tn=64, tr=32), "tr=32 is not a multiple of 64"),
-])
-def test_tgmm_refuses_bad_tiles_by_name(tiles, match):
+def test_tgmm_refuses_steps_of_part_of_a_wgmma_tile():
+  # The neighbour-row mask needs whole 64-row wgmma tiles; without this refusal
+  # Mosaic fails deep in layout inference (seen on an H200).
   x = jnp.ones((64, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match=match):
-    tgmm_mosaic.tgmm(x, x, jnp.array([64]), tiles=tiles, interpret=True)
+  with pytest.raises(ValueError, match="tr=32 is not a multiple of 64"):
+    tgmm_mosaic.tgmm(x, x, jnp.array([64]), tiles=tgmm_mosaic.Tiles(tn=64, tr=32),
+                     interpret=True)
 
 
 def test_tgmm_refuses_what_it_cannot_take():
@@ -530,36 +484,6 @@ def test_gradients_on_any_jax_route_what_the_interpreter_can_run(mosaic_calls):
   assert mosaic_calls == (["gmm", "gmm_t", "tgmm"] if TRANSPOSE_OK else ["gmm"])
 
 
-def test_pipeline_states_chain_each_ctas_items():
-  p = plgpu.PipelinePipeline
-  start, steady, stop = int(p.START), int(p.STEADY), int(p.STOP)
-  # Two CTAs; CTA 0 takes items 0, 2, 4, 6, 8 and CTA 1 items 1, 3, 5, 7.
-  computes = jnp.array([1, 1, 1, 0, 1, 0, 0, 0, 0], bool)
-  states = np.asarray(gmm_mosaic.pipeline_states(computes, 2))
-  # CTA 0 runs items 0, 2, 4: START, STEADY, STOP. CTA 1 runs item 1 alone: START.
-  assert list(states[[0, 2, 4]]) == [start, steady, stop]
-  assert states[1] == start
-
-
-@pytest.mark.parametrize("m, k, n, gs, transpose", [
-    (300, 128, 256, [100, 3, 0, 150, 40], False),  # 2 k-steps through 2 stages
-    (200, 256, 128, [70, 0, 50, 30], False),       # 4 k-steps through 2 stages
-    pytest.param(300, 128, 256, [100, 3, 0, 150, 40], True, marks=needs_transpose),
-])
-def test_overlapped_pipelines_match_reference(m, k, n, gs, transpose):
-  # Several items per CTA (the interpreter runs 2 CTAs), chained START ... STOP.
-  rng = np.random.default_rng(m + k + n)
-  gs = np.asarray(gs, np.int32)
-  x, w, _ = _inputs(rng, m, k, n, len(gs), jnp.bfloat16)
-  tiles = Tiles(tm=64, tn=64, stages=2, overlap=True)
-  if transpose:
-    y = gmm_mosaic.gmm(x, jnp.swapaxes(w, 1, 2), jnp.asarray(gs), transpose_rhs=True,
-                       tiles=tiles, interpret=True)
-  else:
-    y = gmm_mosaic.gmm(x, w, jnp.asarray(gs), tiles=tiles, interpret=True)
-  _check_out(y, _ref_gmm(x, w, gs), gs, jnp.bfloat16)
-
-
 # --- lowering for CUDA ---------------------------------------------------------
 # The interpreter does not run Mosaic GPU's layout inference, which rejects, for
 # example, a TMA copy whose first row it cannot prove to be a multiple of 8. So
@@ -568,21 +492,17 @@ def test_overlapped_pipelines_match_reference(m, k, n, gs, transpose):
 LOWER_CASES = [  # (id, kernel, M, K, N, E, tiles or None, transposed)
     ("gmm", "gmm", 1000, 256, 256, 4, None, False),          # M % 8 != 0: padded
     ("gmm_t", "gmm", 1024, 256, 512, 4, None, True),
-    ("gmm_grid", "gmm", 1024, 256, 256, 4, Tiles(group_aligned=False), False),
     ("gmm_tn64_ring3", "gmm", 1024, 4096, 128, 8, Tiles(tn=64, stages=3), False),
     ("gmm_tm64", "gmm", 200, 128, 256, 4, Tiles(tm=64), False),
     ("tgmm", "tgmm", 1000, 256, 256, 4, None, False),
-    ("tgmm_grid", "tgmm", 1024, 256, 128, 4, tgmm_mosaic.Tiles(tn=64, group_aligned=False),
-     False),
+    ("tgmm_tn64", "tgmm", 1024, 256, 128, 4, None, False),   # N % 256 != 0: tn = epi_n = 64
     ("gmm_split_m", "gmm", 1000, 256, 256, 4, Tiles(split="m"), False),
-    ("gmm_split_m_no_skip", "gmm", 1000, 256, 256, 4, Tiles(split="m", skip_idle=False), False),
     # N % 256 != 0 and 256+ rows a group: the default is tm=256 split by rows
     ("gmm_default_tn64", "gmm", 4096, 512, 384, 8, None, False),
-    ("tgmm_per_item", "tgmm", 1000, 256, 256, 4,
-     tgmm_mosaic.Tiles(pipeline="per_item", order="index"), False),
-    ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m", delay_release=1), True),
+    ("gmm_split_m_t", "gmm", 1024, 256, 512, 4, Tiles(split="m"), True),
     ("gmm_split_m_tm256", "gmm", 1024, 4096, 128, 8, Tiles(tm=256, tn=64, split="m"), False),
-    ("gmm_delay", "gmm", 1024, 4096, 256, 8, Tiles(stages=3, delay_release=1), False),
+    # K >= 4096 and 256-column CTAs: the default is a 3-deep ring
+    ("gmm_default_ring3", "gmm", 1024, 4096, 256, 8, None, False),
 ]
 
 
