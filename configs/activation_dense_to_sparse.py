@@ -4,14 +4,6 @@ from configs.base import base_config
 
 
 def get_config():
-  c = base_config()
-  r = c.model.moe.router
-  r.name = "activation_dense_to_sparse"
-  r.activation = "tanh"
-  r.tau_max = 2.0
-  r.tau_min = 0.1
-  r.tau_schedule = "exponential"
-  r.anneal_steps = 400
-  r.gate_threshold = 0.05
-  r.top_k = 2
+  c = base_config("activation_dense_to_sparse")
+  c.model.moe.router.anneal_steps = 400
   return c

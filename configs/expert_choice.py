@@ -7,9 +7,4 @@ from configs.base import base_config
 
 
 def get_config():
-  c = base_config()
-  r = c.model.moe.router
-  r.name = "expert_choice"
-  r.expert_capacity_factor = 2.0
-  r.load_balance_coef = 0.0   # balanced by construction
-  return c
+  return base_config("expert_choice")

@@ -3,11 +3,4 @@ from configs.base import base_config
 
 
 def get_config():
-  c = base_config()
-  r = c.model.moe.router
-  r.name = "noisy_topk"
-  r.top_k = 2
-  r.load_balance_coef = 0.0
-  r.importance_coef = 0.01
-  r.load_coef = 0.01
-  return c
+  return base_config("noisy_topk")

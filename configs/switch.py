@@ -3,12 +3,10 @@ from configs.base import base_config
 
 
 def get_config():
-  c = base_config()
-  c.model.moe.router.name = "topk"
-  c.model.moe.router.top_k = 1
-  c.model.moe.router.renormalize = False  # k=1 renormalised is the constant 1: no router gradient
-  c.model.moe.router.jitter_eps = 0.01
-  c.model.moe.dispatch = "capacity"
-  c.model.moe.capacity_factor_train = 1.25
-  c.model.moe.capacity_factor_eval = 2.0
+  c = base_config("topk")
+  r = c.model.moe.router
+  r.top_k = 1
+  r.renormalize = False   # k=1 renormalised is the constant 1: no router gradient
+  r.jitter_eps = 0.01
+  c.model.moe.dispatch = "capacity"   # capacity factors 1.25 train / 2.0 eval (the defaults)
   return c

@@ -3,7 +3,4 @@ from configs.base import base_config
 
 
 def get_config():
-  c = base_config()
-  c.model.moe.router.name = "topk"
-  c.model.moe.router.top_k = 2
-  return c
+  return base_config("topk")

@@ -34,9 +34,28 @@ from typing import Any
 import grain
 import numpy as np
 
+from moe_jax.config_fields import Checked, require
+
 VOCAB_SIZE = 256
 SEPARATOR = b"\n\n"
 _EXCLUDED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Checked):
+  """``config.data``."""
+  path: str = ""                  # a UTF-8 text file or a directory of them; '' = stdlib sources
+  max_bytes: int = 4_000_000      # read at most this much; <= 0: no limit
+  heldout_permille: int = 50      # share of files (or bytes) held out for evaluation
+  seq_len: int = 128
+  batch_size: int = 16            # global, over all hosts
+
+  def validate(self) -> None:
+    super().validate()
+    require(0 < self.heldout_permille < 1000, "heldout_permille", self.heldout_permille,
+            "an integer in [1, 999]")
+    require(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
+    require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
 
 
 # ---------------------------------------------------------------- tokenizer

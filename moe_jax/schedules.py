@@ -1,32 +1,40 @@
 """Temperature schedules for the dense-to-sparse gates.
 
-Both schedules anneal from ``tau_max`` at step 0 to ``tau_min`` at
+``TemperatureSchedule`` holds the schedule's fields; a gate's config inherits
+it. Both schedules anneal from ``tau_max`` at step 0 to ``tau_min`` at
 ``anneal_steps`` and stay there. They take the step as a traced int array so
 they work inside ``jit``; the config is static.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import RouterConfig
+from moe_jax.config_fields import Checked, one_of, require
 
 SCHEDULES = ("linear", "exponential")
 
 
-def validate(cfg: RouterConfig) -> None:
-  """Raises ValueError naming the config field that makes no schedule."""
-  if cfg.tau_schedule not in SCHEDULES:
-    raise ValueError(
-        f"model.moe.router.tau_schedule={cfg.tau_schedule!r} is not a known "
-        f"temperature schedule; allowed: {list(SCHEDULES)}")
-  if not cfg.tau_max > 0:
-    raise ValueError(f"model.moe.router.tau_max must be > 0, got {cfg.tau_max}")
-  if not cfg.tau_min > 0:
-    raise ValueError(f"model.moe.router.tau_min must be > 0, got {cfg.tau_min}")
-  if cfg.anneal_steps < 0:
-    raise ValueError(
-        f"model.moe.router.anneal_steps must be >= 0, got {cfg.anneal_steps}")
+@dataclasses.dataclass(frozen=True)
+class TemperatureSchedule(Checked):
+  tau_max: float = 2.0
+  tau_min: float = 0.1
+  tau_schedule: str = "exponential"     # linear | exponential
+  anneal_steps: int = 1000              # 0: tau_min from the first step
+  hard_top1_after: int = -1             # step from which routing is hard top-1; -1: never
+
+  def validate(self) -> None:
+    super().validate()
+    one_of("tau_schedule", self.tau_schedule, SCHEDULES)
+    require(self.tau_max > 0, "tau_max", self.tau_max, "a number > 0")
+    require(self.tau_min > 0, "tau_min", self.tau_min, "a number > 0")
+    require(self.tau_min <= self.tau_max, "tau_min", self.tau_min,
+            f"0 < tau_min <= tau_max ({self.tau_max}): the temperature anneals down")
+    require(self.anneal_steps >= 0, "anneal_steps", self.anneal_steps, "an integer >= 0")
+    require(self.hard_top1_after >= -1, "hard_top1_after", self.hard_top1_after,
+            "-1 (never) or a step >= 0")
 
 
 def _progress(step: jax.Array, anneal_steps: int) -> jax.Array:
@@ -37,14 +45,13 @@ def _progress(step: jax.Array, anneal_steps: int) -> jax.Array:
   return jnp.clip(step / anneal_steps, 0.0, 1.0)
 
 
-def temperature(step: jax.Array, cfg: RouterConfig) -> jax.Array:
+def temperature(step: jax.Array, cfg: TemperatureSchedule) -> jax.Array:
   """Softmax temperature at ``step`` (float32, same shape as ``step``).
 
     linear:      tau_max + (tau_min - tau_max) * p
     exponential: tau_max * (tau_min / tau_max) ** p
     p = min(step / anneal_steps, 1)
   """
-  validate(cfg)
   p = _progress(step, cfg.anneal_steps)
   tau_max = jnp.float32(cfg.tau_max)
   tau_min = jnp.float32(cfg.tau_min)
@@ -53,7 +60,7 @@ def temperature(step: jax.Array, cfg: RouterConfig) -> jax.Array:
   return tau_max * jnp.power(tau_min / tau_max, p)
 
 
-def is_hard_top1(step: jax.Array, cfg: RouterConfig) -> jax.Array:
+def is_hard_top1(step: jax.Array, cfg: TemperatureSchedule) -> jax.Array:
   """Bool array: routing has switched to hard top-1 at ``step``.
 
   True when ``cfg.hard_top1_after >= 0`` and ``step >= cfg.hard_top1_after``.

@@ -1,12 +1,13 @@
 """Device mesh and logical-axis rules.
 
 The mesh has four named axes, in this order: data, fsdp, expert, tensor.
-``config.mesh.shape`` gives each size; exactly one may be -1 (takes the rest).
+``config.mesh.shape`` gives each size; at most one may be -1 (takes the rest).
 Logical names on parameters and activations map to mesh axes through
 ``config.mesh.rules``, a list of (logical name, mesh axis or list of axes or None).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -14,6 +15,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moe_jax.config_fields import Checked, ConfigError, FieldError, as_dict, require
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -36,26 +39,56 @@ DEFAULT_RULES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshShape(Checked):
+  """``config.mesh.shape``: devices along each mesh axis; -1 takes the rest."""
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def validate(self) -> None:
+    super().validate()
+    for axis in MESH_AXES:
+      size = getattr(self, axis)
+      require(size >= 1 or size == -1, axis, size, "a positive size or -1")
+    free = [a for a in MESH_AXES if getattr(self, a) == -1]
+    require(len(free) <= 1, free[-1] if free else "data", -1,
+            f"at most one axis of -1; got {free}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Checked):
+  """``config.mesh``."""
+  shape: MeshShape = dataclasses.field(default_factory=MeshShape)
+  rules: tuple = DEFAULT_RULES
+
+  def validate(self) -> None:
+    super().validate()
+    rules_from(self.rules)
+
+
 def mesh_shape(shape_cfg: Any, num_devices: int) -> tuple[int, ...]:
   """Resolves the mesh sizes (one may be -1) against the device count."""
-  sizes = {axis: int(shape_cfg.get(axis, 1)) for axis in MESH_AXES}
-  unknown = set(dict(shape_cfg)) - set(MESH_AXES)
+  values = as_dict(shape_cfg)
+  unknown = set(values) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"mesh.shape has unknown axes {sorted(unknown)}; allowed: {list(MESH_AXES)}")
+    raise ConfigError(f"mesh.shape has unknown axes {sorted(unknown)}; "
+                      f"allowed: {list(MESH_AXES)}")
+  try:
+    shape = MeshShape(**values)
+  except FieldError as e:
+    raise e.at("mesh.shape") from None
+  sizes = {axis: getattr(shape, axis) for axis in MESH_AXES}
   free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ValueError(f"mesh.shape: at most one axis may be -1, got {free}")
-  for axis, size in sizes.items():
-    if size == 0 or size < -1:
-      raise ValueError(f"mesh.shape.{axis}={size}; allowed: a positive size or -1")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh.shape: {num_devices} devices are not divisible by the fixed "
+      raise ConfigError(f"mesh.shape: {num_devices} devices are not divisible by the fixed "
                        f"axes' product {fixed}")
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"mesh.shape {sizes} has {math.prod(sizes.values())} devices, "
+    raise ConfigError(f"mesh.shape {sizes} has {math.prod(sizes.values())} devices, "
                      f"but {num_devices} are available")
   return tuple(sizes[a] for a in MESH_AXES)
 
@@ -74,7 +107,7 @@ def rules_from(rules_cfg: Any) -> tuple[tuple[str, Any], ...]:
     axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
     for axis in (axes if isinstance(axes, tuple) else (axes,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f"mesh.rules: {name!r} maps to {axis!r}; allowed: {list(MESH_AXES)} "
+        raise ConfigError(f"mesh.rules: {name!r} maps to {axis!r}; allowed: {list(MESH_AXES)} "
                          "or None")
     out.append((name, axes))
   return tuple(out)

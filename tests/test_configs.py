@@ -2,15 +2,20 @@
 import dataclasses
 import glob
 import importlib
+import importlib.util
+import json
 import os
+import sys
+import textwrap
 
 import jax
 import pytest
 
-from configs.base import router_defaults
+from configs.base import base_config, router
+from moe_jax import routers
 from moe_jax.config_validation import ConfigError, validate_config
-from moe_jax.routing import RouterConfig, known_routers
 from moe_jax.training import loop
+from moe_jax.training.config import ExperimentConfig, experiment_config
 
 CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py")
                       if not os.path.basename(p).startswith(("_", "base")))
@@ -22,7 +27,9 @@ def load(name):
 
 def test_every_router_has_a_config():
   routers_in_configs = {load(n).model.moe.router.name for n in CONFIG_NAMES}
-  assert set(known_routers()) <= routers_in_configs
+  built_in = {n for n in routers.names()
+              if routers.get(n).route.__module__.startswith("moe_jax.routers.")}
+  assert built_in <= routers_in_configs
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -31,10 +38,9 @@ def test_shipped_configs_validate(name):
 
 
 def test_gpu_config_is_about_one_billion_parameters():
-  from moe_jax.layers.transformer import TransformerLM, model_config_from
+  from moe_jax.layers.transformer import TransformerLM
   import jax.numpy as jnp
-  config = load("gpu_1b")
-  model = TransformerLM(model_config_from(config.model))
+  model = TransformerLM(experiment_config(load("gpu_1b")).model)
   shapes = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0)}, jnp.zeros((1, 8), jnp.int32)))
   count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
@@ -64,20 +70,34 @@ def bad(path, value):
 
 
 @pytest.mark.parametrize("path,value,pattern", [
-    ("model.moe.router.top_k", 9, r"model\.moe\.router\.top_k=9; allowed: 1 <= top_k <= .*8"),
+    ("model.moe.router.top_k", 9, r"model\.moe\.router\.top_k=9; allowed: 1 <= top_k <= "
+     r"num_experts \(8\)"),
     ("model.moe.router.top_k", 0, r"model\.moe\.router\.top_k=0; allowed"),
     ("model.moe.router.name", "softmax", r"model\.moe\.router\.name='softmax'.*known routers: "
      r"\['activation_dense_to_sparse', 'dense_to_sparse', 'expert_choice', 'hash'"),
     ("data.seq_len", 1024, r"data\.seq_len=1024 exceeds model\.max_len=512"),
-    ("model.moe.dispatch", "sorted", r"model\.moe\.dispatch='sorted'; allowed: \['dropless', 'capacity'\]"),
+    ("model.moe.dispatch", "sorted",
+     r"model\.moe\.dispatch='sorted'; allowed: \['dropless', 'capacity', 'fused'\]"),
     ("model.dtype", "fp8", r"model\.dtype='fp8'; allowed"),
     ("model.moe.expert_kind", "moe", r"model\.moe\.expert_kind='moe'; allowed: \['mlp', 'swiglu'\]"),
     ("model.moe.router.logits_precision", "fp8",
      r"model\.moe\.router\.logits_precision='fp8'; allowed: \['float32', 'bfloat16'\]"),
-    ("model.moe.fused_dispatch", "yes",
-     r"model\.moe\.fused_dispatch='yes'; allowed: \['off', 'auto', 'on'\]"),
-    ("model.moe.combine_weights_at", "input",
-     r"model\.moe\.combine_weights_at='input'; allowed: \['hidden', 'output'\]"),
+    ("model.moe.gmm_impl", "cuda", r"model\.moe\.gmm_impl='cuda'; allowed: \['auto', "),
+    ("model.head_dim", 7, r"model\.head_dim=7; allowed: an even number"),
+    ("model.vocab_size", 100, r"model\.vocab_size=100; allowed: >= 256"),
+    ("train.eval_every", 0, r"train\.eval_every=0; allowed: an integer >= 1"),
+    ("optimizer.learning_rate", 0.0, r"optimizer\.learning_rate=0\.0; allowed: a number > 0"),
+    ("data.heldout_permille", 1000, r"data\.heldout_permille=1000; allowed: an integer in"),
+    ("mesh.shape.fsdp", 0, r"mesh\.shape\.fsdp=0; allowed: a positive size or -1"),
+    # A typo anywhere is refused with the nearest valid names.
+    ("model.moe.router.top_kk", 3, r"model\.moe\.router\.top_kk: unknown field of router "
+     r"'topk'; did you mean top_k\?"),
+    ("model.moe.num_expert", 4, r"model\.moe\.num_expert: unknown field; did you mean "
+     r"num_experts\b"),
+    ("train.num_step", 4, r"train\.num_step: unknown field; did you mean num_steps\?"),
+    ("optimiser", {}, r"optimiser: unknown field; did you mean optimizer\?"),
+    ("model.moe.fused_dispatch", "on", r"model\.moe\.fused_dispatch: unknown field; did you "
+     r"mean dispatch\?"),
 ])
 def test_bad_fields_are_named(path, value, pattern):
   with pytest.raises(ConfigError, match=pattern):
@@ -93,9 +113,32 @@ def test_router_logits_precision():
   validate_config(config, num_devices=1)
 
 
-def test_router_defaults_declare_every_router_field():
-  fields = {f.name for f in dataclasses.fields(RouterConfig)} - {"num_experts"}
-  assert set(router_defaults()) == fields
+@pytest.mark.parametrize("name", routers.names())
+def test_a_router_section_holds_exactly_its_routers_fields(name):
+  fields = {f.name for f in dataclasses.fields(routers.get(name).config)} - {"num_experts"}
+  assert set(router(name)) == fields | {"name"}
+
+
+def test_defaults_have_one_source():
+  # base_config() restates nothing: its values are the dataclasses' defaults.
+  assert experiment_config(base_config()) == ExperimentConfig()
+
+
+def test_a_section_with_a_foreign_router_field_is_refused():
+  config = load("topk")
+  config.model.moe.router.name = "hash"
+  with pytest.raises(ConfigError, match=r"model\.moe\.router\.\w+: unknown field of "
+                     r"router 'hash'; known: \['hash_seed'\]"):
+    validate_config(config, num_devices=1)
+
+
+def test_a_wrong_type_is_refused():
+  config = load("default")
+  config.model.moe.router.unlock()
+  del config.model.moe.router.top_k
+  config.model.moe.router.top_k = "2"
+  with pytest.raises(ConfigError, match=r"model\.moe\.router\.top_k='2': expected int"):
+    validate_config(config, num_devices=1)
 
 
 def test_capacity_factor_must_be_positive_where_used():
@@ -122,7 +165,8 @@ def test_experts_must_divide_the_expert_axis():
 def test_temperature_schedule_must_fall():
   config = load("dense_to_sparse")
   config.model.moe.router.tau_min, config.model.moe.router.tau_max = 3.0, 1.0
-  with pytest.raises(ConfigError, match=r"tau_min=3.0 > tau_max=1.0"):
+  with pytest.raises(ConfigError, match=r"model\.moe\.router\.tau_min=3\.0; allowed: "
+                     r"0 < tau_min <= tau_max \(1\.0\)"):
     validate_config(config, num_devices=1)
 
 
@@ -146,3 +190,70 @@ def test_bad_config_does_not_touch_existing_checkpoints(tmp_path):
   with pytest.raises(ConfigError):
     loop.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(tmp_path / "checkpoints") == ["marker"]
+
+
+TOY_ROUTER = textwrap.dedent("""
+    \"\"\"A toy router that sends every token to expert 0, weighted by its softmax.\"\"\"
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from moe_jax import routers
+    from moe_jax.routers import base
+    from moe_jax.routing import Routing
+
+
+    @dataclasses.dataclass(frozen=True)
+    class FirstExpertConfig(base.LogitRouterConfig):
+      temperature: float = 1.0
+
+
+    def route(inputs, cfg, rng, train):
+      logits = base.logits_f32(inputs, "toy_first_expert") / cfg.temperature
+      t = logits.shape[0]
+      probs = jax.nn.softmax(logits, axis=-1)
+      index = jnp.zeros((t, 1), jnp.int32)
+      mask = jnp.ones((t, 1), bool)
+      return Routing(expert_index=index, combine_weight=probs[:, :1], mask=mask,
+                     router_probs=probs,
+                     aux_losses=base.logit_aux_losses(logits, probs, index, mask),
+                     max_assignments=t)
+
+
+    routers.register(base.Router(name="toy_first_expert", config=FirstExpertConfig,
+                                 route=route, aux_losses=base.LOGIT_AUX_LOSSES))
+    """)
+
+TOY_CONFIG = textwrap.dedent("""
+    import toy_router  # noqa: F401  registers the router
+    from configs.base import base_config
+
+
+    def get_config():
+      c = base_config("toy_first_expert")
+      c.model.moe.router.temperature = 2.0
+      return c
+    """)
+
+
+def test_a_new_router_is_one_module_and_a_config_file(tmp_path, monkeypatch):
+  (tmp_path / "toy_router.py").write_text(TOY_ROUTER)
+  (tmp_path / "toy_config.py").write_text(TOY_CONFIG)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  spec = importlib.util.spec_from_file_location("toy_config", tmp_path / "toy_config.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  m = config.model
+  m.d_model, m.num_layers, m.num_heads, m.head_dim, m.d_ff = 32, 2, 2, 16, 64
+  m.moe.d_expert = 32
+  config.data.max_bytes, config.data.seq_len, config.data.batch_size = 40_000, 16, 8
+  config.train.num_steps, config.train.log_every, config.train.eval_batches = 2, 1, 1
+  summary = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert summary.final_step == 2 and summary.heldout_loss < 10
+  with open(tmp_path / "work" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  loads = [r["moe/layer_1/expert_load"] for r in records if "moe/layer_1/expert_load" in r]
+  assert loads and all(load[0] == 1.0 and sum(load[1:]) == 0.0 for load in loads)
+  assert "toy_router" in sys.modules

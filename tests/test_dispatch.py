@@ -1,4 +1,5 @@
-"""Dispatch plans against a plain loop over (token, slot) assignments."""
+"""Dispatchers (plans, gathers, fused kernels) against a plain loop over (token, slot)
+assignments."""
 import math
 import re
 
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax.ops.grouped_matmul import grouped_matmul
 from moe_jax.routing import Routing
 
 
@@ -48,25 +48,25 @@ def loop_reference(x, w, routing, capacity=None):
   return y, dropped
 
 
-def moe_apply(x, w, routing, mode, capacity_factor=1.0, weights_at="output"):
-  """weights_at="rows": weight the buffer rows (row_values) before the (linear)
-  expert and combine with a plain sum, as the layer's combine_weights_at="hidden"."""
-  plan = dispatch_lib.make_plan(routing, mode, capacity_factor)
-  buffer = dispatch_lib.dispatch(x, plan)
-  if weights_at == "rows":
-    buffer = buffer * dispatch_lib.row_values(routing.combine_weight, plan)[:, None]
-  out = grouped_matmul(buffer, w, plan.group_sizes, impl="reference")
-  weights = None if weights_at == "rows" else routing.combine_weight
-  return dispatch_lib.combine(out, plan, weights), plan
+def moe_apply(x, w, routing, mode, capacity_factor=1.0):
+  """A linear expert x @ w[e] through dispatcher ``mode``, as two matmuls (the second
+  by the identity) so that fused dispatch gathers in one and combines in the other."""
+  dispatcher = dispatch_lib.get(mode)
+  plan = dispatcher.plan(routing, capacity_factor)
+  rows = dispatcher.dispatch(x, plan, routing)
+  hidden = rows.matmul_in(w, "reference")
+  eye = jnp.broadcast_to(jnp.eye(w.shape[2], dtype=w.dtype), (w.shape[0],) + w.shape[2:] * 2)
+  return dispatcher.combine(rows.matmul_out(hidden, eye, "reference"), plan), plan
 
 
+@pytest.mark.parametrize("mode", ["dropless", "fused"])
 @pytest.mark.parametrize("num_tokens,k,num_experts", [(13, 3, 5), (1, 1, 1), (32, 2, 8), (7, 4, 4)])
-def test_dropless_matches_loop(num_tokens, k, num_experts):
+def test_dropless_matches_loop(num_tokens, k, num_experts, mode):
   rng = np.random.default_rng(num_tokens * 100 + k)
   routing = random_routing(rng, num_tokens, k, num_experts)
   x = jnp.asarray(rng.normal(size=(num_tokens, 6)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(num_experts, 6, 5)), jnp.float32)
-  y, plan = moe_apply(x, w, routing, "dropless")
+  y, plan = moe_apply(x, w, routing, mode)
   ref, _ = loop_reference(x, w, routing)
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
   assert int(plan.num_dropped) == 0
@@ -91,15 +91,17 @@ def test_capacity_matches_loop_and_counts_drops(capacity_factor):
     assert dropped > 0
 
 
-def test_dropless_equals_capacity_when_nothing_drops():
+def test_dispatchers_agree_when_nothing_drops():
   rng = np.random.default_rng(3)
   routing = random_routing(rng, 20, 3, 6)
   x = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(6, 8, 4)), jnp.float32)
   y_dropless, _ = moe_apply(x, w, routing, "dropless")
+  y_fused, _ = moe_apply(x, w, routing, "fused")
   y_capacity, plan = moe_apply(x, w, routing, "capacity", capacity_factor=100.0)
   assert int(plan.num_dropped) == 0
   np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_capacity), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_fused), rtol=1e-6, atol=1e-6)
 
 
 def test_bounded_assignments_expert_choice_layout():
@@ -120,11 +122,12 @@ def test_bounded_assignments_expert_choice_layout():
   assert plan.num_rows == num_experts * capacity
   ref, _ = loop_reference(x, w, routing)
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"dispatch='fused' needs one row per routing slot"):
+    moe_apply(x, w, routing, "fused")
 
 
-@pytest.mark.parametrize("weights_at", ["output", "rows"])
-@pytest.mark.parametrize("mode", ["dropless", "capacity"])
-def test_gradients_match_loop(mode, weights_at):
+@pytest.mark.parametrize("mode", ["dropless", "capacity", "fused"])
+def test_gradients_match_loop(mode):
   rng = np.random.default_rng(5)
   num_tokens, k, num_experts = 9, 2, 3
   routing = random_routing(rng, num_tokens, k, num_experts, valid_prob=0.85)
@@ -136,7 +139,7 @@ def test_gradients_match_loop(mode, weights_at):
 
   def ours(x, w, weights):
     r = routing.replace(combine_weight=weights)
-    return jnp.sum(moe_apply(x, w, r, mode, capacity_factor, weights_at)[0] * cot)
+    return jnp.sum(moe_apply(x, w, r, mode, capacity_factor)[0] * cot)
 
   def reference(x, w, weights):
     index, mask = np.asarray(routing.expert_index), np.asarray(routing.mask)
@@ -170,8 +173,8 @@ def test_float_scatter_detector_sees_scatter_add():
   assert float_scatters(fn, jnp.ones((6, 8)), jnp.zeros(6, jnp.int32)) == ["f32"]
 
 
-@pytest.mark.parametrize("weights_at", ["output", "rows"])
-def test_no_scatter_add_of_activations_in_forward_or_backward(weights_at):
+@pytest.mark.parametrize("mode", ["dropless", "capacity"])
+def test_no_scatter_add_of_activations_in_forward_or_backward(mode):
   rng = np.random.default_rng(0)
   routing = random_routing(rng, 16, 2, 4)
   x = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
@@ -179,7 +182,7 @@ def test_no_scatter_add_of_activations_in_forward_or_backward(weights_at):
 
   def loss(x, w, weights):
     r = routing.replace(combine_weight=weights)
-    return jnp.sum(moe_apply(x, w, r, "dropless", weights_at=weights_at)[0] ** 2)
+    return jnp.sum(moe_apply(x, w, r, mode)[0] ** 2)
 
   grads = jax.grad(loss, argnums=(0, 1, 2))
   assert float_scatters(grads, x, w, routing.combine_weight) == []
@@ -203,7 +206,10 @@ def test_row_values_follow_rows_and_zero_padding():
   np.testing.assert_array_equal(grad.reshape(-1), expected)
 
 
-def test_unknown_mode_names_field():
+def test_unknown_dispatcher_names_field_and_choices():
+  with pytest.raises(ValueError, match=r"model\.moe\.dispatch='sorted'; allowed: "
+                     r"\['dropless', 'capacity', 'fused'\]"):
+    dispatch_lib.get("sorted")
   routing = random_routing(np.random.default_rng(0), 4, 1, 2)
-  with pytest.raises(ValueError, match="model.moe.dispatch"):
+  with pytest.raises(ValueError, match=r"plan mode='sorted'; allowed"):
     dispatch_lib.make_plan(routing, "sorted")

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.ops import grouped_matmul as gmm_lib
+from moe_jax.ops import gmm as gmm_lib
+from moe_jax.ops import registry
 
 
 def float64_reference(x, w, group_sizes):
@@ -58,9 +59,79 @@ def test_bf16_output_dtype_and_accuracy():
   assert err < 1e-2
 
 
+@pytest.mark.parametrize("impl", ["reference", "ragged_dot"])
+@pytest.mark.parametrize("sizes,num_local", [([3, 0, 5, 2], 2), ([4, 1, 0, 6, 2, 3], 3),
+                                            ([0, 7, 0, 0], 1)])
+def test_group_offset_computes_only_the_local_groups(impl, sizes, num_local):
+  # An expert-parallel shard holds w for experts [offset, offset + num_local); rows
+  # of other groups come out zero, and so do their gradients.
+  rng = np.random.default_rng(sum(sizes))
+  m, num_groups = sum(sizes) + 3, len(sizes)
+  x = jnp.asarray(rng.normal(size=(m, 5)), jnp.float32)
+  w_all = jnp.asarray(rng.normal(size=(num_groups, 5, 4)), jnp.float32)
+  gs = jnp.asarray(sizes, jnp.int32)
+  cot = jnp.asarray(rng.normal(size=(m, 4)), jnp.float32)
+  full = float64_reference(x, w_all, gs)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+
+  @jax.jit   # the offset is traced, as inside shard_map
+  def local(x, w, offset):
+    return gmm_lib.grouped_matmul(x, w, gs, impl=impl, group_offset=offset)
+
+  for offset in range(num_groups - num_local + 1):
+    w = w_all[offset:offset + num_local]
+    rows = slice(starts[offset], starts[offset + num_local])
+    want = np.zeros_like(full)
+    want[rows] = full[rows]
+    np.testing.assert_allclose(np.asarray(local(x, w, offset)), want, rtol=1e-5, atol=1e-5)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(local(x, w, offset) * cot), argnums=(0, 1))(x, w)
+    x64, c64 = np.asarray(x, np.float64), np.asarray(cot, np.float64)
+    want_dx = np.zeros_like(x64)
+    want_dx[rows] = np.concatenate(
+        [c64[starts[e]:starts[e + 1]] @ np.asarray(w_all[e], np.float64).T
+         for e in range(offset, offset + num_local)])
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-5)
+    for i, e in enumerate(range(offset, offset + num_local)):
+      g = slice(starts[e], starts[e + 1])
+      np.testing.assert_allclose(np.asarray(dw[i]), x64[g].T @ c64[g], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_products_equal_gather_matmul_scatter():
+  rng = np.random.default_rng(1)
+  tokens, k, e = 6, 2, 3
+  slot_expert = rng.integers(0, e, tokens * k)
+  row_slot = jnp.asarray(np.argsort(slot_expert, kind="stable"), jnp.int32)
+  gs = jnp.asarray(np.bincount(slot_expert, minlength=e), jnp.int32)
+  x = jnp.asarray(rng.normal(size=(tokens, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(e, 4, 5)), jnp.float32)
+  weight = jnp.asarray(rng.random(tokens * k), jnp.float32)
+  rows = gmm_lib.gather_grouped_matmul(x, row_slot, k, w, gs, impl="reference")
+  np.testing.assert_allclose(np.asarray(rows),
+                             float64_reference(np.asarray(x)[np.asarray(row_slot) // k], w, gs),
+                             rtol=1e-5, atol=1e-5)
+  slots = gmm_lib.scatter_grouped_matmul(rows, jnp.swapaxes(w, 1, 2)[:, :5, :4], gs, row_slot,
+                                         weight, impl="reference")
+  want = np.zeros((tokens * k, 4))
+  want[np.asarray(row_slot)] = (np.asarray(weight)[:, None]
+                                * float64_reference(rows, jnp.swapaxes(w, 1, 2), gs))
+  np.testing.assert_allclose(np.asarray(slots), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="'ragged_dot' has no fused gather/combine kernels"):
+    gmm_lib.gather_grouped_matmul(x, row_slot, k, w, gs, impl="ragged_dot")
+
+
 def test_auto_on_cpu_is_xla():
-  x, w = jnp.ones((4, 2)), jnp.ones((2, 2, 3))
-  assert gmm_lib.resolve_impl("auto", x, w).name == "ragged_dot"
+  assert registry.resolve("auto", jnp.float32).name == "ragged_dot"
+  assert registry.resolve("auto", jnp.bfloat16).name == "ragged_dot"
+
+
+def test_capabilities_are_declared():
+  assert {"reference", "pallas_mosaic", "pallas_triton", "megablox"} <= set(registry.with_fused())
+  assert "ragged_dot" not in registry.with_fused()
+  mosaic = registry.get("pallas_mosaic")
+  assert mosaic.platforms == ("gpu",) and mosaic.min_compute_capability == 9.0
+  assert registry.get("pallas_triton_interpret").platforms == ("cpu", "gpu", "tpu")
+  for name in registry.AUTO_ORDER["gpu"] + registry.AUTO_ORDER["tpu"]:
+    assert "interpret" not in name and name in registry.known()
 
 
 def test_unknown_impl_lists_choices():
@@ -68,15 +139,23 @@ def test_unknown_impl_lists_choices():
     gmm_lib.grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.array([2, 2]), impl="cuda")
 
 
-def test_impl_that_cannot_run_here_raises():
-  gmm_lib.register_impl(gmm_lib.GmmImpl(
-      "test_gpu_only", lambda *a: None, lambda x, w, platform: "needs a GPU"))
+@pytest.mark.parametrize("impl,pattern", [
+    (registry.GmmImpl("test_gpu_only", lambda *a: None, platforms=("gpu",),
+                      elsewhere="try test_elsewhere"),
+     r"impl='test_gpu_only' cannot run here: runs on gpu, this is 'cpu'; try test_elsewhere"),
+    (registry.GmmImpl("test_bf16_only", lambda *a: None, dtypes=("bfloat16",)),
+     r"cannot run here: takes bfloat16, got float32"),
+    (registry.GmmImpl("test_missing", lambda *a: None, available=lambda: "not installed"),
+     r"cannot run here: not installed"),
+])
+def test_impl_that_cannot_run_here_raises(impl, pattern):
+  registry.register(impl)
   try:
-    with pytest.raises(ValueError, match="cannot run here: needs a GPU"):
+    with pytest.raises(ValueError, match=pattern):
       gmm_lib.grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.array([2, 2]),
-                             impl="test_gpu_only")
+                             impl=impl.name)
   finally:
-    gmm_lib._IMPLS.pop("test_gpu_only")
+    registry._IMPLS.pop(impl.name)  # pylint: disable=protected-access
 
 
 def test_shape_errors():
@@ -84,3 +163,8 @@ def test_shape_errors():
     gmm_lib.grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 2, 3)), jnp.array([4]))
   with pytest.raises(ValueError, match="K="):
     gmm_lib.grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 2, 3)), jnp.array([2, 2]))
+  with pytest.raises(ValueError, match="share a dtype"):
+    gmm_lib.grouped_matmul(jnp.ones((4, 2)), jnp.ones((2, 2, 3), jnp.bfloat16), jnp.array([2, 2]))
+  with pytest.raises(ValueError, match="3 local experts but only 2 groups"):
+    gmm_lib.grouped_matmul(jnp.ones((4, 2)), jnp.ones((3, 2, 3)), jnp.array([2, 2]),
+                           group_offset=0)

@@ -13,7 +13,8 @@ from jax.experimental import pallas as pl
 import numpy as np
 import pytest
 
-from moe_jax.ops import grouped_matmul as op
+from moe_jax.ops import gmm as op
+from moe_jax.ops import registry
 from moe_kernels import fused
 from moe_kernels import gmm as gmm_lib
 from moe_kernels import gmm_triton
@@ -287,7 +288,7 @@ def test_registry_on_cpu():
   x = jnp.ones((8, 16), jnp.float32)
   w = jnp.ones((2, 16, 8), jnp.float32)
   gs = jnp.array([3, 4], jnp.int32)
-  assert op.resolve_impl("auto", x, w).name == "ragged_dot"
+  assert registry.resolve("auto", x.dtype).name == "ragged_dot"
   for name in ("pallas_triton", "megablox"):
     with pytest.raises(ValueError, match="cannot run here"):
       op.grouped_matmul(x, w, gs, impl=name)

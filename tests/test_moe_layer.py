@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax.layers.moe import MoeConfig, MoeLayer, float32_router_precision
-from moe_jax.routing import ROUTERS, RouterConfig, RouterInputs, get_router, known_routers
+from moe_jax import routers
+from moe_jax.config_fields import ConfigError, FieldError
+from moe_jax.layers.moe import MoeConfig, MoeLayer
+from moe_jax.ops.router_logits import float32_router_precision
+from moe_jax.routers import base as routers_base
+from moe_jax.routing import RouterInputs
 from kernel_refs import rel_err as _rel
 from moe_kernels import gmm_mosaic
 
@@ -27,12 +31,14 @@ ROUTER_OVERRIDES = {
     "dense_to_sparse": dict(tau_max=1.0, tau_min=0.5, anneal_steps=10, gate_threshold=0.2),
     "activation_dense_to_sparse": dict(tau_max=1.0, tau_min=0.5, anneal_steps=10,
                                        gate_threshold=0.2, activation="tanh"),
-    "hash": dict(top_k=1),
+    "hash": dict(),
 }
+# Routers with one row per slot, which fused dispatch needs (expert choice has fewer).
+ONE_ROW_PER_SLOT = sorted(set(ROUTER_OVERRIDES) - {"expert_choice"})
 
 
 def make_cfg(router, dispatch, capacity_factor=1.0, shared=0, kind="swiglu"):
-  rc = RouterConfig(name=router, num_experts=E, **ROUTER_OVERRIDES.get(router, {}))
+  rc = routers.get(router).config(num_experts=E, **ROUTER_OVERRIDES.get(router, {}))
   return MoeConfig(num_experts=E, d_expert=D_EXPERT, expert_kind=kind, dispatch=dispatch,
                    capacity_factor_train=capacity_factor, capacity_factor_eval=capacity_factor,
                    num_shared_experts=shared, gmm_impl="reference", router=rc)
@@ -62,15 +68,16 @@ def kept_slots(routing, capacity):
 def reference_layer(variables, cfg, x, token_ids, train=False):
   params = variables["params"]
   xt = x.reshape(-1, x.shape[-1])
-  definition = get_router(cfg.router.name)
+  router = routers.of(cfg.router)
   hp = jax.lax.Precision.HIGHEST
+  needs = router.inputs
   inputs = RouterInputs(
-      logits=jnp.dot(xt, params["router"], precision=hp) if definition.needs_logits else None,
+      logits=jnp.dot(xt, params["router"], precision=hp) if "logits" in needs else None,
       noise_logits=(jnp.dot(xt, params["router_noise"], precision=hp)
-                    if definition.needs_noise_logits else None),
-      token_ids=token_ids.reshape(-1) if definition.needs_token_ids else None,
-      bias=variables.get("router_state", {}).get("bias"), step=jnp.asarray(3, jnp.int32))
-  routing = definition.fn(inputs, cfg.router, None, train)
+                    if "noise_logits" in needs else None),
+      token_ids=token_ids.reshape(-1) if "token_ids" in needs else None,
+      state=variables.get("router_state", {}).get("bias"), step=jnp.asarray(3, jnp.int32))
+  routing = router.route(inputs, cfg.router, None, train)
   capacity = None
   if cfg.dispatch == "capacity":
     capacity = dispatch_lib.expert_capacity(xt.shape[0], E, routing.nominal_k,
@@ -117,10 +124,11 @@ def assert_param_grads_match(ours, ref, params, out_shape, seed):
   return cot
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-@pytest.mark.parametrize("router", sorted(ROUTER_OVERRIDES))
+@pytest.mark.parametrize("router,dispatch", [
+    *[(r, d) for r in sorted(ROUTER_OVERRIDES) for d in ("dropless", "capacity")],
+    *[(r, "fused") for r in ONE_ROW_PER_SLOT]])
 def test_layer_matches_loop_over_experts(router, dispatch):
-  assert router in known_routers()
+  assert router in routers.names()
   cfg = make_cfg(router, dispatch, capacity_factor=0.75)
   layer, variables, x, ids = setup(cfg, seed=hash(router) % 100)
 
@@ -135,30 +143,45 @@ def test_layer_matches_loop_over_experts(router, dispatch):
   assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=1)
 
 
-@pytest.mark.parametrize("kind", ["swiglu", "mlp"])
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-@pytest.mark.parametrize("router", ["topk", "expert_choice", "dense_to_sparse"])
-def test_combine_weights_at_output_matches_loop(router, dispatch, kind):
-  # The default weights the expert's hidden rows; "output" weights its outputs in
-  # the combine. Both equal the loop (which weights outputs) and each other.
-  cfg = make_cfg(router, dispatch, capacity_factor=0.75, kind=kind)
-  out_cfg = dataclasses.replace(cfg, combine_weights_at="output")
-  assert cfg.combine_weights_at == "hidden"
+@pytest.mark.parametrize("router,dispatch", [
+    ("topk", "capacity"), ("expert_choice", "dropless"), ("dense_to_sparse", "fused")])
+def test_mlp_experts_match_loop(router, dispatch):
+  # The rows' combine weights scale the hidden activations before the (linear,
+  # bias-free) output projection; the loop weights the outputs.
+  cfg = make_cfg(router, dispatch, capacity_factor=0.75, kind="mlp")
   layer, variables, x, ids = setup(cfg, seed=3)
-  layers = {"hidden": layer, "output": MoeLayer(out_cfg)}
   ref = lambda p: reference_layer({**variables, "params": p}, cfg, x, ids)
-  for name, lay in layers.items():
-    ours = lambda p, lay=lay: lay.apply({**variables, "params": p}, x, ids, step=3)
-    np.testing.assert_allclose(np.asarray(ours(variables["params"])),
-                               np.asarray(ref(variables["params"])), rtol=2e-5, atol=2e-5,
-                               err_msg=name)
-    assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=2)
+  ours = lambda p: layer.apply({**variables, "params": p}, x, ids, step=3)
+  np.testing.assert_allclose(np.asarray(ours(variables["params"])),
+                             np.asarray(ref(variables["params"])), rtol=2e-5, atol=2e-5)
+  assert_param_grads_match(ours, ref, variables["params"], x.shape, seed=2)
 
 
-def test_unknown_combine_weights_at_is_named():
-  cfg = dataclasses.replace(make_cfg("topk", "dropless"), combine_weights_at="input")
-  with pytest.raises(ValueError, match=r"combine_weights_at='input'; allowed: \['hidden', 'output'\]"):
-    setup(cfg)
+@pytest.mark.parametrize("change,pattern", [
+    (dict(num_experts=0), r"^num_experts=0; allowed: an integer >= 1"),
+    (dict(d_expert=0), r"^d_expert=0; allowed"),
+    (dict(expert_kind="moe"), r"^expert_kind='moe'; allowed: \['mlp', 'swiglu'\]"),
+    (dict(activation="swish"), r"^activation='swish'; allowed: \['gelu', 'relu', 'silu'\]"),
+    (dict(dispatch="sorted"), r"^dispatch='sorted'; allowed: \['dropless', 'capacity', 'fused'\]"),
+    (dict(dispatch="capacity", capacity_factor_eval=0.0), r"^capacity_factor_eval=0.0; allowed"),
+    (dict(num_shared_experts=-1), r"^num_shared_experts=-1; allowed"),
+    (dict(gmm_impl="cublas"), r"^gmm_impl='cublas'; allowed: \['auto', "),
+    (dict(dispatch="fused", gmm_impl="ragged_dot"),
+     r"^gmm_impl='ragged_dot'; allowed: with dispatch='fused', one with fused kernels: "),
+])
+def test_moe_config_fields_are_checked(change, pattern):
+  with pytest.raises(FieldError, match=pattern):
+    dataclasses.replace(make_cfg("topk", "dropless"), **change)
+
+
+def test_moe_config_from_mapping_builds_the_named_router_strictly():
+  cfg = MoeConfig.from_mapping({"num_experts": 6, "router": {"name": "hash", "hash_seed": 3}})
+  assert cfg.router == routers.get("hash").config(num_experts=6, hash_seed=3)
+  assert MoeConfig(num_experts=6).router.num_experts == 6   # the router follows num_experts
+  with pytest.raises(ConfigError, match=r"model\.moe\.fused_dispatch: unknown field; did you mean dispatch\?"):
+    MoeConfig.from_mapping({"fused_dispatch": "on"})
+  with pytest.raises(ConfigError, match=r"model\.moe\.router\.top_k=9; allowed: 1 <= top_k"):
+    MoeConfig.from_mapping({"router": {"top_k": 9}})
 
 
 def test_input_gradient_matches_loop():
@@ -222,7 +245,7 @@ def test_fused_dispatch_kernels_match_loop(router, impl):
   # The Pallas kernels (GPU Triton, or TPU Mosaic) run in interpret mode on CPU:
   # gather rows on load, write weighted rows to their slots, so no separate
   # dispatch/combine is emitted. The TPU kernels need d and f multiples of 128.
-  cfg = dataclasses.replace(make_cfg(router, "dropless"), gmm_impl=impl, fused_dispatch="on")
+  cfg = dataclasses.replace(make_cfg(router, "fused"), gmm_impl=impl)
   if impl.startswith("megablox"):
     cfg = dataclasses.replace(cfg, d_expert=128)
   layer, variables, x, ids = setup(cfg, seed=4,
@@ -240,20 +263,20 @@ def test_fused_dispatch_kernels_match_loop(router, impl):
 MOSAIC_TOL = 2e-2  # bfloat16 layer against the float32 loop: relative Frobenius error
 
 
-@pytest.mark.parametrize("fused_dispatch,grads", [
-    ("off", False),
-    pytest.param("off", True, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("dispatch,grads", [
+    ("dropless", False),
+    pytest.param("dropless", True, marks=pytest.mark.skipif(
         not gmm_mosaic.interpreter_reads_transposed(),
         reason=f"jax {jax.__version__} < 0.11: the Mosaic GPU interpreter cannot run the "
                "transposed-rhs product of the input gradient")),
     # The fused gather/combine kernels are Triton kernels for the Mosaic impls too.
-    ("on", True),
+    ("fused", True),
 ])
-def test_mosaic_interpret_layer_matches_loop(fused_dispatch, grads, mosaic_calls):
+def test_mosaic_interpret_layer_matches_loop(dispatch, grads, mosaic_calls):
   # The Mosaic GPU kernel takes 16-bit floats with K and N tile multiples: a
   # bfloat16 layer with d_model = d_expert = 128 sends every product to it.
-  cfg = dataclasses.replace(make_cfg("topk", "dropless"), gmm_impl="pallas_mosaic_interpret",
-                            fused_dispatch=fused_dispatch, d_expert=128)
+  cfg = dataclasses.replace(make_cfg("topk", dispatch), gmm_impl="pallas_mosaic_interpret",
+                            d_expert=128)
   _, variables, x, ids = setup(cfg, seed=4, d_model=128)
   layer = MoeLayer(cfg, dtype=jnp.bfloat16)  # float32 params, bfloat16 compute
   calls = mosaic_calls
@@ -266,7 +289,7 @@ def test_mosaic_interpret_layer_matches_loop(fused_dispatch, grads, mosaic_calls
   y = ours(variables["params"])
   assert y.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(y)))
   assert _rel(y, ref(variables["params"])) < MOSAIC_TOL
-  if fused_dispatch == "off":
+  if dispatch == "dropless":
     assert calls == ["gmm", "gmm"], calls  # both expert products ran on gmm_mosaic
   if not grads:
     return
@@ -280,31 +303,18 @@ def test_mosaic_interpret_layer_matches_loop(fused_dispatch, grads, mosaic_calls
   g_x = jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(variables, x, ids, step=3) * cot)))(x)
   g_x_ref = jax.grad(lambda x: jnp.sum(reference_layer(variables, cfg, x, ids) * cot))(x)
   assert _rel(g_x, g_x_ref) < MOSAIC_TOL
-  if fused_dispatch == "off":  # input gradients and weight gradients on Mosaic too
+  if dispatch == "dropless":  # input gradients and weight gradients on Mosaic too
     assert {"gmm_t", "tgmm"} <= set(calls), calls
 
 
-@pytest.mark.parametrize("change,pattern", [
-    (dict(dispatch="capacity"), "dispatch='capacity'"),
-    (dict(gmm_impl="ragged_dot"), "impl='ragged_dot'"),
-    (dict(fused_dispatch="always"), r"fused_dispatch='always'; allowed: \['off', 'auto', 'on'\]"),
+@pytest.mark.parametrize("router,impl,pattern", [
+    ("expert_choice", "pallas_triton_interpret", "dispatch='fused' needs one row per routing slot"),
+    ("topk", "auto", r"impl='ragged_dot' has no fused gather/combine kernels"),  # auto on CPU
 ])
-def test_fused_dispatch_on_explains_why_it_cannot_apply(change, pattern):
-  cfg = dataclasses.replace(make_cfg("topk", "dropless"), gmm_impl="pallas_triton_interpret",
-                            fused_dispatch="on")
-  cfg = dataclasses.replace(cfg, **change)
-  x = jnp.ones((1, 4, D_MODEL))
+def test_fused_dispatch_explains_why_it_cannot_apply(router, impl, pattern):
+  cfg = dataclasses.replace(make_cfg(router, "fused"), gmm_impl=impl)
   with pytest.raises(ValueError, match=pattern):
-    MoeLayer(cfg).init(jax.random.key(0), x)
-
-
-def test_fused_dispatch_auto_falls_back_where_it_does_not_apply():
-  cfg = dataclasses.replace(make_cfg("expert_choice", "dropless"),
-                            gmm_impl="pallas_triton_interpret", fused_dispatch="auto")
-  layer, variables, x, ids = setup(cfg)
-  np.testing.assert_allclose(np.asarray(layer.apply(variables, x, ids, step=3)),
-                             np.asarray(reference_layer(variables, cfg, x, ids)),
-                             rtol=1e-4, atol=1e-5)
+    MoeLayer(cfg).init(jax.random.key(0), jnp.ones((1, 4, D_MODEL)))
 
 
 # ---------------------------------------------------------------------------
@@ -318,12 +328,13 @@ def routed_inputs(monkeypatch):
   """Records the RouterInputs the layer hands to the topk and noisy_topk routers."""
   seen = []
   for name in PROJECTIONS:
-    definition = get_router(name)
+    router = routers.get(name)
 
-    def spy(inputs, cfg, rng, train, fn=definition.fn):
+    def spy(inputs, cfg, rng, train, fn=router.route):
       seen.append(inputs)
       return fn(inputs, cfg, rng, train)
-    monkeypatch.setitem(ROUTERS, name, dataclasses.replace(definition, fn=spy))
+    monkeypatch.setitem(routers_base._BY_CONFIG, router.config,  # pylint: disable=protected-access
+                        dataclasses.replace(router, route=spy))
   return seen
 
 
@@ -338,7 +349,7 @@ def projections(seen, cfg, variables, x, ids, **apply_kw):
   MoeLayer(cfg).apply(variables, x, ids, step=3, **apply_kw)
   (inputs,) = seen
   logits = {"router": inputs.logits, "router_noise": inputs.noise_logits}
-  return {name: logits[name] for name in PROJECTIONS[cfg.router.name]}
+  return {name: logits[name] for name in PROJECTIONS[routers.of(cfg.router).name]}
 
 
 def as_bf16_f64(a):
@@ -471,7 +482,6 @@ def test_float32_router_precision_by_device(device, want):
 
 
 def test_unknown_router_logits_precision_is_a_clear_error():
-  cfg = with_precision(make_cfg("topk", "dropless"), "fp8")
-  with pytest.raises(ValueError, match=r"model\.moe\.router\.logits_precision='fp8'; "
+  with pytest.raises(FieldError, match=r"^logits_precision='fp8'; "
                      r"allowed: \['float32', 'bfloat16'\]"):
-    MoeLayer(cfg).init(jax.random.key(0), jnp.ones((1, 4, D_MODEL)))
+    with_precision(make_cfg("topk", "dropless"), "fp8")

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from moe_jax import schedules
-from moe_jax.routing import RouterConfig
+from moe_jax.config_fields import FieldError
 
 
 def _cfg(**kw):
   base = dict(tau_max=2.0, tau_min=0.1, anneal_steps=1000)
   base.update(kw)
-  return RouterConfig(**base)
+  return schedules.TemperatureSchedule(**base)
 
 
 @pytest.mark.parametrize("name", ["linear", "exponential"])
@@ -49,17 +49,20 @@ def test_zero_anneal_steps_starts_at_tau_min():
 
 
 def test_unknown_schedule_names_field_and_choices():
-  field = r"model\.moe\.router\.tau_schedule"
-  with pytest.raises(ValueError, match=field) as e:
-    schedules.temperature(jnp.int32(0), _cfg(tau_schedule="cosine"))
+  with pytest.raises(FieldError, match=r"tau_schedule='cosine'; allowed: ") as e:
+    _cfg(tau_schedule="cosine")
   assert "linear" in str(e.value) and "exponential" in str(e.value)
 
 
-def test_non_positive_temperature_rejected():
-  with pytest.raises(ValueError, match=r"model\.moe\.router\.tau_min"):
-    schedules.validate(_cfg(tau_min=0.0))
-  with pytest.raises(ValueError, match=r"model\.moe\.router\.tau_max"):
-    schedules.validate(_cfg(tau_max=-1.0))
+@pytest.mark.parametrize("kw, field", [
+    (dict(tau_min=0.0), "tau_min"), (dict(tau_max=-1.0), "tau_max"),
+    (dict(tau_min=3.0), "tau_min"),            # above tau_max: it must anneal down
+    (dict(anneal_steps=-1), "anneal_steps"), (dict(hard_top1_after=-2), "hard_top1_after"),
+])
+def test_bad_schedule_fields_rejected(kw, field):
+  with pytest.raises(FieldError, match=rf"^{field}=") as e:
+    _cfg(**kw)
+  assert e.value.field == field
 
 
 def test_is_hard_top1():

@@ -11,11 +11,10 @@ from moe_jax.training import loop
 
 
 def tiny_config(router="topk", steps=6, **router_overrides):
-  c = base_config()
+  c = base_config(router)
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.head_dim, m.d_ff, m.moe_every = 32, 2, 2, 16, 64, 1
   m.moe.num_experts, m.moe.d_expert = 8, 32
-  m.moe.router.name = router
   for k, v in router_overrides.items():
     m.moe.router[k] = v
   c.data.max_bytes, c.data.seq_len, c.data.batch_size = 60_000, 16, 8
@@ -48,7 +47,8 @@ def run_steps(config, devices, num_steps):
 ])
 def test_sharded_train_step_matches_single_device(router, dispatch, mesh):
   assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
-  config = tiny_config(router, num_groups=2, topk_groups=2)
+  groups = dict(num_groups=2, topk_groups=2) if router == "sigmoid_topk" else {}
+  config = tiny_config(router, **groups)
   config.model.moe.dispatch = dispatch
   single_state, single_metrics, _ = run_steps(config, jax.devices()[:1], 2)
   config.mesh.shape.update(**mesh)

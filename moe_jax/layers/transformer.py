@@ -13,15 +13,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers.experts import DenseMlp
-from moe_jax.layers.moe import MoeConfig, MoeLayer, moe_config_from
+from moe_jax.config_fields import Checked, one_of, require
+from moe_jax.layers.experts import EXPERT_KINDS, DenseMlp
+from moe_jax.layers.moe import MoeConfig, MoeLayer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int = 256
+class ModelConfig(Checked):
+  """``config.model``."""
+  vocab_size: int = 256             # >= 256: byte-level tokens
   d_model: int = 128
   num_layers: int = 4
   num_heads: int = 4
@@ -33,7 +35,19 @@ class ModelConfig:
   rope_base: float = 10000.0
   tie_embeddings: bool = True
   dtype: str = "float32"            # activation dtype; parameters stay float32
-  moe: MoeConfig = MoeConfig()
+  moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+  def validate(self) -> None:
+    super().validate()
+    require(self.vocab_size >= 256, "vocab_size", self.vocab_size, ">= 256 (byte-level tokens)")
+    for field in ("d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+      require(getattr(self, field) >= 1, field, getattr(self, field), "an integer >= 1")
+    require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
+            "an even number >= 2 (rotary embedding)")
+    one_of("ffn_kind", self.ffn_kind, sorted(EXPERT_KINDS))
+    require(self.moe_every >= 0, "moe_every", self.moe_every, ">= 0 (0 = dense)")
+    require(self.rope_base > 0, "rope_base", self.rope_base, "a number > 0")
+    one_of("dtype", self.dtype, sorted(DTYPES))
 
   @property
   def activation_dtype(self):
@@ -41,13 +55,6 @@ class ModelConfig:
 
   def is_moe_layer(self, i: int) -> bool:
     return self.moe_every > 0 and (i + 1) % self.moe_every == 0
-
-
-def model_config_from(cfg: Any) -> ModelConfig:
-  values = dict(cfg)
-  names = {f.name for f in dataclasses.fields(ModelConfig)}
-  moe = moe_config_from(values.pop("moe", {}))
-  return ModelConfig(moe=moe, **{k: v for k, v in values.items() if k in names})
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

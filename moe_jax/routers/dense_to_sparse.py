@@ -3,7 +3,8 @@
     g = softmax((logits + Gumbel noise) / tau)   in training
     g = softmax(logits / tau)                    at eval
 
-tau follows ``schedules.temperature(step)``. Every expert with g above
+tau follows ``schedules.temperature(step)`` (the config inherits
+``schedules.TemperatureSchedule``). Every expert with g above
 ``gate_threshold`` is active, and so is each token's argmax; the combine
 weight of an active expert is its g (not renormalised). At large tau g is
 near uniform and every expert is active (a dense layer); as tau falls the
@@ -12,7 +13,7 @@ gate sharpens and fewer experts pass the threshold. Once
 
 The number of active experts per token varies, so the output has one slot
 per expert (K = E) and ``max_assignments`` = T * E. ``nominal_k`` is
-``cfg.top_k``: capacity-based dispatch sizes each expert's buffer as if every
+``top_k``: capacity-based dispatch sizes each expert's buffer as if every
 token used top_k experts on average, and drops what does not fit.
 
 ``gate_routing`` is shared with ``activation_dense_to_sparse``, which only
@@ -20,40 +21,43 @@ changes the scores fed to the temperature softmax.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from moe_jax import schedules
-from moe_jax.routers import _common
-from moe_jax.routing import (
-    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
+from moe_jax.config_fields import require
+from moe_jax.routers import base
+from moe_jax.routing import RouterInputs, Routing
 
 _NAME = "dense_to_sparse"
 
 
-def validate(cfg: RouterConfig) -> None:
-  _common.validate_top_k(cfg)
-  schedules.validate(cfg)
-  if not 0.0 <= cfg.gate_threshold < 1.0:
-    raise ValueError(
-        f"model.moe.router.gate_threshold={cfg.gate_threshold} must be in "
-        "[0, 1)")
+@dataclasses.dataclass(frozen=True)
+class DenseToSparseConfig(base.TokenChoiceConfig, schedules.TemperatureSchedule):
+  """``top_k`` is the capacity budget (experts per token) of capacity-based dispatch."""
+  gate_threshold: float = 0.05          # experts with a gate above it are active
+
+  def validate(self) -> None:
+    super().validate()
+    require(0.0 <= self.gate_threshold < 1.0, "gate_threshold", self.gate_threshold,
+            "0 <= gate_threshold < 1")
 
 
 def gate_routing(scores: jax.Array, logits: jax.Array, inputs: RouterInputs,
-                 cfg: RouterConfig, rng: Optional[jax.Array], train: bool,
+                 cfg: DenseToSparseConfig, rng: Optional[jax.Array], train: bool,
                  name: str) -> Routing:
   """Temperature-softmax gate over ``scores`` [T, E] (float32).
 
   ``logits`` are the raw router outputs, used for the z-loss.
   """
-  step = _common.require(inputs.step, "step", name)
+  step = base.require_input(inputs.step, "step", name)
   num_tokens, num_experts = scores.shape
   tau = schedules.temperature(step, cfg)
   if train:
-    rng = _common.require_rng(rng, name)
+    rng = base.require_rng(rng, name)
     scores = scores + jax.random.gumbel(rng, scores.shape, jnp.float32)
   gates = jax.nn.softmax(scores / tau, axis=-1)
   top1 = jax.nn.one_hot(
@@ -68,21 +72,21 @@ def gate_routing(scores: jax.Array, logits: jax.Array, inputs: RouterInputs,
       combine_weight=weights,
       mask=mask,
       router_probs=gates,
-      aux_losses=_common.logit_aux_losses(logits, gates, index, mask),
+      aux_losses=base.logit_aux_losses(logits, gates, index, mask),
       metrics={"temperature": tau},
       max_assignments=num_tokens * num_experts,
       nominal_k=float(cfg.top_k),
   )
 
 
-def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
+def route(inputs: RouterInputs, cfg: DenseToSparseConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
-  validate(cfg)
-  logits = _common.logits_f32(inputs, _NAME)
+  logits = base.logits_f32(inputs, _NAME)
   return gate_routing(logits, logits, inputs, cfg, rng, train, _NAME)
 
 
-register_router(_NAME, RouterDef(
-    fn=route, validate=validate,
-    doc="EvoMoE dense-to-sparse gate: Gumbel softmax with annealed "
-        "temperature and a gate threshold"))
+ROUTER = base.register(base.Router(
+    name=_NAME, config=DenseToSparseConfig, route=route,
+    inputs=frozenset({"logits", "step"}), aux_losses=base.LOGIT_AUX_LOSSES,
+    doc="EvoMoE dense-to-sparse gate: Gumbel softmax with annealed temperature and a "
+        "gate threshold"))

@@ -13,25 +13,29 @@ encoders, or with groups that never span a sequence's future.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers import _common
-from moe_jax.routing import (
-    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
+from moe_jax.config_fields import require
+from moe_jax.routers import base
+from moe_jax.routing import RouterInputs, Routing
 
 _NAME = "expert_choice"
 
 
-def validate(cfg: RouterConfig) -> None:
-  _common.validate_num_experts(cfg)
-  if not cfg.expert_capacity_factor > 0:
-    raise ValueError(
-        "model.moe.router.expert_capacity_factor must be > 0, got "
-        f"{cfg.expert_capacity_factor}")
+@dataclasses.dataclass(frozen=True)
+class ExpertChoiceConfig(base.LogitRouterConfig):
+  load_balance_coef: float = 0.0        # balanced by construction
+  expert_capacity_factor: float = 2.0   # C = T * expert_capacity_factor / E
+
+  def validate(self) -> None:
+    super().validate()
+    require(self.expert_capacity_factor > 0, "expert_capacity_factor",
+            self.expert_capacity_factor, "a number > 0")
 
 
 def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -40,11 +44,10 @@ def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
   return int(min(max(c, 1), num_tokens))
 
 
-def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
+def route(inputs: RouterInputs, cfg: ExpertChoiceConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
   del rng, train  # deterministic
-  validate(cfg)
-  logits = _common.logits_f32(inputs, _NAME)
+  logits = base.logits_f32(inputs, _NAME)
   num_tokens, num_experts = logits.shape
   c = capacity(num_tokens, num_experts, cfg.expert_capacity_factor)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -60,14 +63,14 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
       combine_weight=weights,
       mask=mask,
       router_probs=probs,
-      aux_losses=_common.logit_aux_losses(logits, probs, index, mask),
+      aux_losses=base.logit_aux_losses(logits, probs, index, mask),
       metrics={},
       max_assignments=num_experts * c,
       nominal_k=num_experts * c / num_tokens,
   )
 
 
-register_router(_NAME, RouterDef(
-    fn=route, causal=False, validate=validate,
-    doc="expert choice: each expert takes its top-C tokens (Zhou 2022); "
-        "not causal"))
+ROUTER = base.register(base.Router(
+    name=_NAME, config=ExpertChoiceConfig, route=route, aux_losses=base.LOGIT_AUX_LOSSES,
+    causal=False, doc="expert choice: each expert takes its top-C tokens (Zhou 2022); "
+                      "not causal"))

@@ -8,22 +8,23 @@ it scatters consecutive ids across experts.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.routers import _common
-from moe_jax.routing import (
-    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
+from moe_jax.routers import base
+from moe_jax.routing import RouterInputs, Routing
 
 _NAME = "hash"
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads seeds over uint32
 
 
-def validate(cfg: RouterConfig) -> None:
-  _common.validate_num_experts(cfg)
+@dataclasses.dataclass(frozen=True)
+class HashConfig(base.RouterConfig):
+  hash_seed: int = 0                    # picks one of many fixed hash functions
 
 
 def _mix32(h: jax.Array) -> jax.Array:
@@ -43,11 +44,10 @@ def hash_experts(token_ids: jax.Array, num_experts: int,
   return (h % np.uint32(num_experts)).astype(jnp.int32)
 
 
-def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
+def route(inputs: RouterInputs, cfg: HashConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
   del rng, train  # deterministic
-  validate(cfg)
-  token_ids = _common.require(inputs.token_ids, "token_ids", _NAME)
+  token_ids = base.require_input(inputs.token_ids, "token_ids", _NAME)
   num_tokens = token_ids.shape[0]
   expert = hash_experts(token_ids, cfg.num_experts, cfg.hash_seed)
   return Routing(
@@ -62,6 +62,6 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
   )
 
 
-register_router(_NAME, RouterDef(
-    fn=route, needs_logits=False, needs_token_ids=True, validate=validate,
+ROUTER = base.register(base.Router(
+    name=_NAME, config=HashConfig, route=route, inputs=frozenset({"token_ids"}),
     doc="fixed hash of the token id to one expert (Hash Layers)"))

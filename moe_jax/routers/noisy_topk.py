@@ -12,34 +12,42 @@ to the clean logits, so the eval value is deterministic and comparable.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from moe_jax import losses
-from moe_jax.routers import _common
-from moe_jax.routing import (
-    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
+from moe_jax.config_fields import require
+from moe_jax.routers import base
+from moe_jax.routing import RouterInputs, Routing
 
 _NAME = "noisy_topk"
 
 
-def validate(cfg: RouterConfig) -> None:
-  _common.validate_top_k(cfg)
+@dataclasses.dataclass(frozen=True)
+class NoisyTopkConfig(base.TokenChoiceConfig):
+  load_balance_coef: float = 0.0        # the paper balances with its own two losses
+  importance_coef: float = 0.01         # cv^2 of the per-expert sum of gates
+  load_coef: float = 0.01               # cv^2 of the smooth load estimate
+
+  def validate(self) -> None:
+    super().validate()
+    for field in ("importance_coef", "load_coef"):
+      require(getattr(self, field) >= 0, field, getattr(self, field), "a number >= 0")
 
 
-def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
+def route(inputs: RouterInputs, cfg: NoisyTopkConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
-  validate(cfg)
-  logits = _common.logits_f32(inputs, _NAME)
-  noise_logits = _common.require(
+  logits = base.logits_f32(inputs, _NAME)
+  noise_logits = base.require_input(
       inputs.noise_logits, "noise_logits", _NAME).astype(jnp.float32)
   num_tokens, num_experts = logits.shape
   k = cfg.top_k
   noise_std = jax.nn.softplus(noise_logits)
   if train:
-    rng = _common.require_rng(rng, _NAME)
+    rng = base.require_rng(rng, _NAME)
     noise = jax.random.normal(rng, logits.shape, jnp.float32)
     scores = logits + noise * noise_std
   else:
@@ -51,7 +59,7 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
   probs = jax.nn.softmax(scores, axis=-1)
   onehot = jax.nn.one_hot(index, num_experts, dtype=jnp.float32)
   gates = jnp.sum(onehot * weights[..., None], axis=1)        # [T, E]
-  aux = _common.logit_aux_losses(logits, probs, index, mask)
+  aux = base.logit_aux_losses(logits, probs, index, mask)
   aux["importance"] = losses.importance_loss(gates)
   aux["load"] = losses.load_loss(logits, scores, noise_std, k)
   return Routing(
@@ -66,6 +74,8 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
   )
 
 
-register_router(_NAME, RouterDef(
-    fn=route, needs_noise_logits=True, validate=validate,
+ROUTER = base.register(base.Router(
+    name=_NAME, config=NoisyTopkConfig, route=route,
+    inputs=frozenset({"logits", "noise_logits"}),
+    aux_losses={**base.LOGIT_AUX_LOSSES, "importance": "importance_coef", "load": "load_coef"},
     doc="noisy top-k gating with importance and load losses (Shazeer 2017)"))

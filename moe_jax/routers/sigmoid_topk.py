@@ -2,8 +2,8 @@
 
 Affinities s = sigmoid(logits). Experts are selected by s + bias, where the
 bias is a non-learned per-expert state that ``update_bias`` nudges after each
-step: down for overloaded experts, up for underloaded ones. The bias only
-changes which experts are chosen; the gate is
+training step: down for overloaded experts, up for underloaded ones. The bias
+only changes which experts are chosen; the gate is
 
     gate = s[chosen] / sum(s[chosen]) * routed_scaling_factor.
 
@@ -14,34 +14,41 @@ experts in its ``topk_groups`` best groups.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers import _common
-from moe_jax.routing import (
-    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
+from moe_jax.config_fields import require
+from moe_jax.routers import base
+from moe_jax.routing import RouterInputs, Routing, expert_load_fraction
 
 _NAME = "sigmoid_topk"
 
 
-def validate(cfg: RouterConfig) -> None:
-  _common.validate_top_k(cfg)
-  if cfg.num_groups < 1 or cfg.num_experts % cfg.num_groups:
-    raise ValueError(
-        f"model.moe.router.num_groups={cfg.num_groups} must be >= 1 and divide "
-        f"num_experts={cfg.num_experts}")
-  if not 1 <= cfg.topk_groups <= cfg.num_groups:
-    raise ValueError(
-        f"model.moe.router.topk_groups={cfg.topk_groups} must be in "
-        f"[1, num_groups={cfg.num_groups}]")
-  allowed = cfg.topk_groups * (cfg.num_experts // cfg.num_groups)
-  if cfg.top_k > allowed:
-    raise ValueError(
-        f"model.moe.router.top_k={cfg.top_k} exceeds the {allowed} experts a "
-        f"token can reach (topk_groups={cfg.topk_groups} groups of "
-        f"{cfg.num_experts // cfg.num_groups})")
+@dataclasses.dataclass(frozen=True)
+class SigmoidTopkConfig(base.TokenChoiceConfig):
+  load_balance_coef: float = 0.0        # balance comes from the bias; > 0 adds a small loss
+  z_loss_coef: float = 0.0
+  bias_update_speed: float = 1e-3       # bias step per training step
+  num_groups: int = 1                   # group-limited routing: expert groups
+  topk_groups: int = 1                  # groups each token may use
+  routed_scaling_factor: float = 1.0
+
+  def validate(self) -> None:
+    super().validate()
+    require(self.bias_update_speed >= 0, "bias_update_speed", self.bias_update_speed,
+            "a number >= 0")
+    require(self.num_groups >= 1 and self.num_experts % self.num_groups == 0,
+            "num_groups", self.num_groups,
+            f"an integer >= 1 that divides num_experts ({self.num_experts})")
+    require(1 <= self.topk_groups <= self.num_groups, "topk_groups", self.topk_groups,
+            f"1 <= topk_groups <= num_groups ({self.num_groups})")
+    reachable = self.topk_groups * (self.num_experts // self.num_groups)
+    require(self.top_k <= reachable, "top_k", self.top_k,
+            f"at most the {reachable} experts a token can reach (topk_groups="
+            f"{self.topk_groups} groups of {self.num_experts // self.num_groups})")
 
 
 def update_bias(bias: jax.Array, load_fraction: jax.Array,
@@ -72,12 +79,11 @@ def group_mask(selection: jax.Array, num_groups: int,
   return jnp.repeat(kept_groups, per_group, axis=1)
 
 
-def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
+def route(inputs: RouterInputs, cfg: SigmoidTopkConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
   del rng, train  # deterministic
-  validate(cfg)
-  logits = _common.logits_f32(inputs, _NAME)
-  bias = _common.require(inputs.bias, "bias", _NAME).astype(jnp.float32)
+  logits = base.logits_f32(inputs, _NAME)
+  bias = base.require_input(inputs.state, "state", _NAME).astype(jnp.float32)
   num_tokens = logits.shape[0]
   k = cfg.top_k
   scores = jax.nn.sigmoid(logits)
@@ -96,14 +102,20 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
       combine_weight=weights,
       mask=mask,
       router_probs=probs,
-      aux_losses=_common.logit_aux_losses(logits, probs, index, mask),
+      aux_losses=base.logit_aux_losses(logits, probs, index, mask),
       metrics={},
       max_assignments=num_tokens * k,
       nominal_k=float(k),
   )
 
 
-register_router(_NAME, RouterDef(
-    fn=route, needs_bias=True, validate=validate,
-    doc="sigmoid top-k with bias-based balancing and group-limited routing "
-        "(DeepSeek-V3)"))
+BIAS = base.RouterState(
+    name="bias",
+    init=lambda cfg: jnp.zeros((cfg.num_experts,), jnp.float32),
+    update=lambda bias, routing, cfg: update_bias(
+        bias, expert_load_fraction(routing), cfg.bias_update_speed))
+
+ROUTER = base.register(base.Router(
+    name=_NAME, config=SigmoidTopkConfig, route=route,
+    inputs=frozenset({"logits", "state"}), aux_losses=base.LOGIT_AUX_LOSSES, state=BIAS,
+    doc="sigmoid top-k with bias-based balancing and group-limited routing (DeepSeek-V3)"))

@@ -2,32 +2,32 @@
 
 Each token takes the k experts with the highest softmax probability; its
 combine weights are those k probabilities, renormalised to sum to 1 when
-``cfg.renormalize``. With k=1 and renormalisation the single weight is the
+``renormalize``. With k=1 and renormalisation the single weight is the
 constant 1 and the router gets no gradient from the task loss (only from the
 auxiliary losses); Switch-style k=1 training wants ``renormalize=False``.
 Jitter is applied by the layer to the router input, not here.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routers import _common
-from moe_jax.routing import (
-    RouterConfig, RouterDef, RouterInputs, Routing, register_router)
+from moe_jax.routers import base
+from moe_jax.routing import RouterInputs, Routing
 
 
-def validate(cfg: RouterConfig) -> None:
-  _common.validate_top_k(cfg)
+@dataclasses.dataclass(frozen=True)
+class TopkConfig(base.TokenChoiceConfig):
+  renormalize: bool = True              # renormalise the k weights to sum to 1
 
 
-def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
+def route(inputs: RouterInputs, cfg: TopkConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
   del rng, train  # deterministic
-  validate(cfg)
-  logits = _common.logits_f32(inputs, "topk")
+  logits = base.logits_f32(inputs, "topk")
   num_tokens = logits.shape[0]
   k = cfg.top_k
   probs = jax.nn.softmax(logits, axis=-1)
@@ -41,13 +41,13 @@ def route(inputs: RouterInputs, cfg: RouterConfig, rng: Optional[jax.Array],
       combine_weight=weights,
       mask=mask,
       router_probs=probs,
-      aux_losses=_common.logit_aux_losses(logits, probs, index, mask),
+      aux_losses=base.logit_aux_losses(logits, probs, index, mask),
       metrics={},
       max_assignments=num_tokens * k,
       nominal_k=float(k),
   )
 
 
-register_router("topk", RouterDef(
-    fn=route, validate=validate,
+ROUTER = base.register(base.Router(
+    name="topk", config=TopkConfig, route=route, aux_losses=base.LOGIT_AUX_LOSSES,
     doc="softmax top-k (Switch k=1, GShard k=2)"))

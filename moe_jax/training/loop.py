@@ -17,7 +17,7 @@ import numpy as np
 from moe_jax import data as data_lib
 from moe_jax import sharding as sharding_lib
 from moe_jax.config_validation import validate_config
-from moe_jax.layers.transformer import TransformerLM, model_config_from
+from moe_jax.layers.transformer import TransformerLM
 from moe_jax.training import steps
 from moe_jax.training.checkpointing import Checkpointer, abstract_with_sharding
 from moe_jax.training.metric_logging import MetricLogger, format_progress
@@ -49,13 +49,13 @@ class _Run:
 
   def __init__(self, config: Any, workdir: str, devices=None):
     devices = list(jax.devices() if devices is None else devices)
-    validate_config(config, len(devices))
+    config = validate_config(config, len(devices))
     self.config = config
     self.workdir = workdir
     self.corpus = data_lib.load_corpus(config.data)
     self.mesh = sharding_lib.make_mesh(config.mesh.shape, devices)
-    self.rules = sharding_lib.rules_from(config.mesh.get("rules"))
-    self.model = TransformerLM(model_config_from(config.model))
+    self.rules = sharding_lib.rules_from(config.mesh.rules)
+    self.model = TransformerLM(config.model)
     self.optimizer = steps.make_optimizer(config.optimizer, config.train.num_steps)
     self.local_batch = config.data.batch_size // jax.process_count()
     sample = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
@@ -168,6 +168,7 @@ def train_and_evaluate(config: Any, workdir: str,
   checkpoint, as a preemption would; running again resumes the same run.
   """
   run = _Run(config, workdir)
+  config = run.config
   tcfg = config.train
   entropy = data_lib.unigram_entropy_bits(run.corpus.train)
   checkpointer = Checkpointer(workdir, tcfg.keep_checkpoints)

@@ -1,8 +1,9 @@
 """Dispatch plans: where each routed token copy goes, and how it comes back.
 
-A plan turns a ``Routing`` (token-major slots [T, K]) into a buffer of R rows
-grouped by expert, and back. Both directions are gathers; their gradients are
-gathers too (custom VJPs), so no scatter-add of activations is ever emitted.
+A plan turns a ``Routing`` (token-major slots [T, K]) into the layout of a
+buffer of R rows grouped by expert: each row's token and slot, each slot's
+row, the rows per expert. It holds integers only; ``moe_jax.dispatch.gathers``
+moves the activations.
 
 * dropless: every valid slot gets a row. Rows are sorted by expert into
   contiguous groups of ``group_sizes[e]`` rows; R = routing.max_assignments.
@@ -17,7 +18,6 @@ output for every token.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from flax import struct
 
 from moe_jax.routing import Routing
 
-DISPATCH_MODES = ("dropless", "capacity")
+PLAN_MODES = ("dropless", "capacity")
 
 
 @struct.dataclass
@@ -74,8 +74,8 @@ def _sorted_slots(routing: Routing):
 
 
 def make_plan(routing: Routing, mode: str, capacity_factor: float = 1.0) -> DispatchPlan:
-  if mode not in DISPATCH_MODES:
-    raise ValueError(f"model.moe.dispatch={mode!r}; allowed: {list(DISPATCH_MODES)}")
+  if mode not in PLAN_MODES:
+    raise ValueError(f"dispatch plan mode={mode!r}; allowed: {list(PLAN_MODES)}")
   num_tokens, k = routing.expert_index.shape
   num_experts = routing.num_experts
   num_slots = num_tokens * k
@@ -122,88 +122,3 @@ def make_plan(routing: Routing, mode: str, capacity_factor: float = 1.0) -> Disp
       num_dropped=num_assigned - num_kept,
       row_slot_all=row_slot_all,
       is_permutation=is_permutation)
-
-
-def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-  """x[index] where index == len(x) selects a zero row (no padded copy of x)."""
-  return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def _dispatch_rows(x, buffer_token_index, combine_index):
-  return _take_rows(x, buffer_token_index)
-
-
-def _dispatch_fwd(x, buffer_token_index, combine_index):
-  return _take_rows(x, buffer_token_index), combine_index
-
-
-def _dispatch_bwd(combine_index, d_buffer):
-  # Each token's gradient is the sum of its rows' gradients: gather by slot, sum over K.
-  num_tokens, k = combine_index.shape
-  rows = _take_rows(d_buffer, combine_index.reshape(-1))
-  return rows.reshape(num_tokens, k, -1).sum(axis=1), None, None
-
-
-_dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
-def _collect_slots(y_buffer, combine_index, buffer_slot_index):
-  return _take_rows(y_buffer, combine_index.reshape(-1))
-
-
-def _collect_fwd(y_buffer, combine_index, buffer_slot_index):
-  return _take_rows(y_buffer, combine_index.reshape(-1)), buffer_slot_index
-
-
-def _collect_bwd(buffer_slot_index, d_slots):
-  # Every buffer row feeds at most one slot: its gradient is that slot's.
-  return _take_rows(d_slots, buffer_slot_index), None, None
-
-
-_collect_slots.defvjp(_collect_fwd, _collect_bwd)
-
-
-@jax.custom_vjp
-def _slot_values_to_rows(values, buffer_slot_index, combine_index):
-  return _take_rows(values.reshape(-1), buffer_slot_index)
-
-
-def _slot_values_fwd(values, buffer_slot_index, combine_index):
-  return _take_rows(values.reshape(-1), buffer_slot_index), combine_index
-
-
-def _slot_values_bwd(combine_index, d_rows):
-  # Rows and kept slots pair up one to one: a slot's gradient is its row's.
-  return _take_rows(d_rows, combine_index.reshape(-1)).reshape(combine_index.shape), None, None
-
-
-_slot_values_to_rows.defvjp(_slot_values_fwd, _slot_values_bwd)
-
-
-def row_values(values: jax.Array, plan: DispatchPlan) -> jax.Array:
-  """Per-slot values [T, K] -> per-row [R] (0 on padding rows); gathers both ways."""
-  return _slot_values_to_rows(values, plan.buffer_slot_index, plan.combine_index)
-
-
-def dispatch(x: jax.Array, plan: DispatchPlan) -> jax.Array:
-  """[T, d] tokens -> [R, d] expert-grouped buffer."""
-  return _dispatch_rows(x, plan.buffer_token_index, plan.combine_index)
-
-
-def combine(y_buffer: jax.Array, plan: DispatchPlan,
-            weights: jax.Array | None) -> jax.Array:
-  """[R, d] expert outputs -> [T, d]: sum over slots of weight * row (gather + reshape-sum).
-
-  ``weights=None``: the rows are already weighted (see ``row_values``); a plain sum.
-  """
-  num_tokens, k = plan.combine_index.shape
-  slots = _collect_slots(y_buffer, plan.combine_index, plan.buffer_slot_index)
-  slots = slots.reshape(num_tokens, k, -1)
-  if weights is None:
-    return jnp.sum(slots, axis=1, dtype=jnp.float32).astype(y_buffer.dtype)
-  # Multiply-and-reduce (one fused pass over the slots), not a batched dot, which
-  # would materialise float32 copies of [T, K, d] forward and backward.
-  weighted = slots.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]
-  return jnp.sum(weighted, axis=1).astype(y_buffer.dtype)
