@@ -31,15 +31,19 @@ def _tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
 
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-        out_dtype: Optional[jnp.dtype] = None, *, interpret: bool = False) -> jax.Array:
+        out_dtype: Optional[jnp.dtype] = None, *, group_offset: Optional[jax.Array] = None,
+        interpret: bool = False) -> jax.Array:
+  """``group_offset``: w holds groups [offset, offset + len(w)) of ``group_sizes``;
+  rows of other groups come out zero (megablox skips them)."""
   from jax.experimental.pallas.ops.tpu.megablox import ops  # pylint: disable=g-import-not-at-top
   m, k = x.shape
   n = w.shape[2]
   tiling = _tiling(m, k, n, x.dtype)
   pad = -m % tiling[0]
   xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+  offset = None if group_offset is None else jnp.asarray(group_offset, jnp.int32).reshape(())
   y = ops.gmm(xp, w, group_sizes.astype(jnp.int32), jnp.float32, tiling,
-              None, None, False, interpret)
+              offset, None, False, interpret)
   y = y[:m]
   valid = jnp.arange(m) < jnp.sum(group_sizes)
   return jnp.where(valid[:, None], y, 0.0).astype(out_dtype or x.dtype)

@@ -59,18 +59,20 @@ def test_bf16_output_dtype_and_accuracy():
   assert err < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["reference", "ragged_dot"])
+@pytest.mark.parametrize("impl,k,n", [("reference", 5, 4), ("ragged_dot", 5, 4),
+                                       ("megablox_interpret", 128, 128)])  # native offset
 @pytest.mark.parametrize("sizes,num_local", [([3, 0, 5, 2], 2), ([4, 1, 0, 6, 2, 3], 3),
                                             ([0, 7, 0, 0], 1)])
-def test_group_offset_computes_only_the_local_groups(impl, sizes, num_local):
+def test_group_offset_computes_only_the_local_groups(impl, k, n, sizes, num_local):
   # An expert-parallel shard holds w for experts [offset, offset + num_local); rows
   # of other groups come out zero, and so do their gradients.
+  assert (registry.get(impl).group_offset_fn is not None) == impl.startswith("megablox")
   rng = np.random.default_rng(sum(sizes))
   m, num_groups = sum(sizes) + 3, len(sizes)
-  x = jnp.asarray(rng.normal(size=(m, 5)), jnp.float32)
-  w_all = jnp.asarray(rng.normal(size=(num_groups, 5, 4)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+  w_all = jnp.asarray(rng.normal(size=(num_groups, k, n)) / np.sqrt(k), jnp.float32)
   gs = jnp.asarray(sizes, jnp.int32)
-  cot = jnp.asarray(rng.normal(size=(m, 4)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
   full = float64_reference(x, w_all, gs)
   starts = np.concatenate([[0], np.cumsum(sizes)])
 

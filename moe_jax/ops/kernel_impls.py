@@ -15,14 +15,15 @@
 
 The GPU implementations (Mosaic ones included) have fused gather/combine
 kernels (``moe_kernels.fused``, Triton); megablox has TPU ones
-(``moe_kernels.tpu_fused``).
+(``moe_kernels.tpu_fused``) and skips other shards' groups itself for
+``group_offset``.
 """
 from __future__ import annotations
 
 import functools
 
 from moe_jax.ops import registry
-from moe_jax.ops.registry import FusedKernels, GmmImpl
+from moe_jax.ops.registry import ANY_PLATFORM, FusedKernels, GmmImpl
 
 try:
   from moe_kernels import fused as _gpu_fused
@@ -48,6 +49,15 @@ def _pallas_gpu(backend: str, interpret: bool):
   return functools.partial(_gmm.gmm, backend=backend, interpret=interpret)
 
 
+def _megablox(x, w, group_sizes, out_dtype, *, interpret):
+  return _tpu.gmm(x, w, group_sizes, out_dtype, interpret=interpret)
+
+
+def _megablox_local(x, w, group_sizes, group_offset, out_dtype, *, interpret):
+  return _tpu.gmm(x, w, group_sizes, out_dtype, group_offset=group_offset,
+                  interpret=interpret)
+
+
 def _megablox_missing():
   return None if _tpu.available() else "jax.experimental.pallas.ops.tpu.megablox is not importable"
 
@@ -65,13 +75,13 @@ def _register() -> None:
     registry.register(GmmImpl(
         f"{name}_interpret", _pallas_gpu(backend, True),
         fused=_fused(_gpu_fused, True) if fused else None))
-  registry.register(GmmImpl(
-      "megablox", lambda x, w, gs, dt: _tpu.gmm(x, w, gs, dt), platforms=("tpu",),
-      fused=_fused(_tpu_fused, False), available=_megablox_missing,
-      elsewhere=on_cpu.format("megablox")))
-  registry.register(GmmImpl(
-      "megablox_interpret", lambda x, w, gs, dt: _tpu.gmm(x, w, gs, dt, interpret=True),
-      fused=_fused(_tpu_fused, True), available=_megablox_missing))
+  for name, interpret in (("megablox", False), ("megablox_interpret", True)):
+    registry.register(GmmImpl(
+        name, functools.partial(_megablox, interpret=interpret),
+        platforms=ANY_PLATFORM if interpret else ("tpu",),
+        fused=_fused(_tpu_fused, interpret), available=_megablox_missing,
+        group_offset_fn=functools.partial(_megablox_local, interpret=interpret),
+        elsewhere="" if interpret else on_cpu.format("megablox")))
 
 
 if _gmm is not None:
