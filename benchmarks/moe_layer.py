@@ -5,18 +5,16 @@ matmuls) -> combine. The baseline, measured in the same run, is the same
 expert FLOPs as one dense SwiGLU MLP over T*k rows: three [T*k, d] x [d, f]-shaped
 products with their backward. ratio = baseline time / layer time (1.0 = as fast
 as dense). Both are timed as a training step uses them: output returned, and
-the gradients of <output, dy> for a random dy (see ``forward_backward``).
+the gradients of <output, dy> for a random dy (``timing.forward_backward``).
 
-  python -m experiments.benchmark_moe_layer                   # GPU presets
-  python -m experiments.benchmark_moe_layer --preset=smoke    # tiny, any backend
-  python -m experiments.benchmark_moe_layer --router_precision=bfloat16  # bf16 router logits
+  python -m benchmarks.moe_layer                   # GPU presets
+  python -m benchmarks.moe_layer --preset=smoke    # tiny, any backend
+  python -m benchmarks.moe_layer --router_precision=bfloat16  # bf16 router logits
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -27,6 +25,8 @@ from moe_jax.layers.experts import FUSED_IMPLS, Experts
 from moe_jax.layers.moe import ROUTER_LOGITS_PRECISIONS, MoeConfig, MoeLayer
 from moe_jax.ops.grouped_matmul import resolve_impl
 from moe_jax.routing import RouterConfig
+
+from benchmarks import timing
 
 _PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "smoke"], "Which shapes to time.")
 _IMPLS = flags.DEFINE_list("impls", ["auto", "ragged_dot"], "grouped_matmul implementations.")
@@ -67,34 +67,9 @@ PRESETS = {
 }
 
 
-def median_seconds(fn, *args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def forward_backward(f):
-  """jit(params, x, dy) -> (f(params, x), gradients of <f, dy> for params and x).
-
-  What a training step needs of a layer: its output (for the layers after it) and
-  the gradients. The output is returned so XLA cannot drop the last forward
-  matmul, and dy is a random argument, not a constant, so XLA cannot fold the
-  backward's first gathers or products away (jax.grad of sum(f) allows both).
-  """
-  @jax.jit
-  def step(params, x, dy):
-    y, vjp = jax.vjp(f, params, x)
-    return y, vjp(dy)
-  return step
-
-
-def cotangent(shape, dtype):
-  return jax.random.normal(jax.random.key(7), shape, dtype)
+def layer_seconds(fn, *args, iters: int) -> float:
+  """Median of ``iters`` single calls (a layer step is long enough to time alone)."""
+  return timing.median_seconds(fn, *args, iters=1, reps=iters)
 
 
 def router_config(shape: Shape) -> RouterConfig:
@@ -114,20 +89,20 @@ def layer_step(shape: Shape, impl: str, fused: str, dtype, weights_at: str = "hi
   params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
                         is_leaf=lambda p: hasattr(p, "unbox"))
 
-  step = forward_backward(lambda params, x: layer.apply({"params": params}, x))
-  return step, (params, x, cotangent(x.shape, dtype))
+  step = jax.jit(timing.forward_backward(lambda params, x: layer.apply({"params": params}, x)))
+  return step, (params, x, timing.random_cotangent(x.shape, dtype))
 
 
 def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int,
                weights_at: str = "hidden") -> float:
   fn, args = layer_step(shape, impl, fused, dtype, weights_at)
-  return median_seconds(fn, *args, iters=iters)
+  return layer_seconds(fn, *args, iters=iters)
 
 
 def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str,
                 weights_at: str = "hidden") -> None:
   """Records a profiler trace of three layer steps and prints its top device kernels."""
-  from experiments import trace_summary  # pylint: disable=g-import-not-at-top
+  from tools import trace_summary  # pylint: disable=g-import-not-at-top
   fn, args = layer_step(shape, impl, fused, dtype, weights_at)
   jax.block_until_ready(fn(*args))
   run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}-weights_{weights_at}-"
@@ -161,8 +136,10 @@ def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
                         jax.jit(experts.init)(key, buffer, sizes)["params"],
                         is_leaf=lambda p: hasattr(p, "unbox"))
 
-  step = forward_backward(lambda params, buffer: experts.apply({"params": params}, buffer, sizes))
-  return median_seconds(step, params, buffer, cotangent(buffer.shape, dtype), iters=iters)
+  step = jax.jit(timing.forward_backward(
+      lambda params, buffer: experts.apply({"params": params}, buffer, sizes)))
+  return layer_seconds(step, params, buffer, timing.random_cotangent(buffer.shape, dtype),
+                       iters=iters)
 
 
 def dense_step(shape: Shape, dtype):
@@ -177,12 +154,13 @@ def dense_step(shape: Shape, dtype):
     g, u, d = ws
     return (jax.nn.silu(x @ g) * (x @ u)) @ d
 
-  return forward_backward(swiglu), ((w_gate, w_up, w_down), x, cotangent(x.shape, dtype))
+  return jax.jit(timing.forward_backward(swiglu)), (
+      (w_gate, w_up, w_down), x, timing.random_cotangent(x.shape, dtype))
 
 
 def dense_time(shape: Shape, dtype, iters: int) -> float:
   step, args = dense_step(shape, dtype)
-  return median_seconds(step, *args, iters=iters)
+  return layer_seconds(step, *args, iters=iters)
 
 
 def print_row(name, what, seconds, flops, base):

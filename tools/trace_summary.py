@@ -1,6 +1,6 @@
 """Sums the device kernels of a jax.profiler perfetto trace by name.
 
-  python -m experiments.trace_summary TRACE_DIR_OR_FILE [--top 25] [--steps 3]
+  python -m tools.trace_summary TRACE_DIR_OR_FILE [--top 25] [--steps 3]
 
 ``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes
 ``perfetto_trace.json.gz`` under ``dir/plugins/profile/<run>/``. Device work

@@ -1,13 +1,11 @@
-"""Shapes, group sizes, inputs and timing shared by the grouped-matmul benchmarks."""
+"""Grouped-matmul shapes, group-size distributions and random inputs of the benchmarks."""
 from __future__ import annotations
-
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# name -> (M rows, K contraction, N output columns, E groups) of x[M, K] @ w[E, K, N].
 SHAPES = {
     "llama-ish": (32768, 4096, 3584, 8),
     "fine-768": (65536, 2048, 768, 64),
@@ -28,44 +26,30 @@ SHAPES = {
     "tiny": (200, 64, 96, 4),  # CPU smoke tests with --interpret (off the Mosaic grid)
     "tiny-mosaic": (200, 128, 256, 4),
 }
+DEFAULT_SHAPES = ("llama-ish", "fine-768", "fine-1408", "dsv3", "decode")
+DISTS = ("balanced", "skewed")
 
 
 def group_sizes(m: int, e: int, dist: str, seed: int = 0) -> np.ndarray:
+  """int32 [e] summing to m: equal ("balanced"), or Dirichlet(0.3) ("skewed": a
+  few hot groups and some nearly empty, as routers early in training)."""
   if dist == "balanced":
     sizes = np.full(e, m // e)
     sizes[: m - sizes.sum()] += 1
     return sizes.astype(np.int32)
+  if dist != "skewed":
+    raise ValueError(f"dist={dist!r} is not one of {DISTS}")
   rng = np.random.default_rng(seed)
-  # Dirichlet(0.3): a few hot experts, some nearly empty (as routers early in training).
   p = rng.dirichlet(np.full(e, 0.3))
   sizes = np.floor(p * m).astype(np.int64)
   sizes[np.argmax(sizes)] += m - sizes.sum()
   return sizes.astype(np.int32)
 
 
-def bench(fn, *args, iters: int, reps: int, warm: bool = True) -> float:
-  """Median seconds per call; calls queued back to back, one sync per sample."""
-  if warm:
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / iters)
-  return statistics.median(samples)
-
-
-def make_inputs(m, k, n, e, dtype, seed=0):
-  kx, kw, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
+def make_inputs(m: int, k: int, n: int, e: int, dtype, seed: int = 0):
+  """Random normal x[m, k], w[e, k, n] (fan-in scaled) and dy[m, n]."""
+  kx, kw, kd = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(kx, (m, k), dtype)
   w = (jax.random.normal(kw, (e, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
   dy = jax.random.normal(kd, (m, n), dtype)
   return x, w, dy
-
-
-def rel_err(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

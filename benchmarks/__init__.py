@@ -1,0 +1,9 @@
+"""Speed programs that print ratios against a baseline timed in the same run.
+
+Run from the repository root: ``python -m benchmarks.gmm`` (grouped matmul
+against a dense matmul of equal FLOPs), ``python -m benchmarks.gmm_torch``
+(torch._grouped_mm on the same shapes) and ``python -m benchmarks.moe_layer``
+(a whole MoE layer against its dense equivalent). The other modules are their
+shared pieces: ``timing``, ``gmm_shapes``, ``tile_variants``, ``impl_names``,
+``gmm_impls``, ``routed_rows``, ``flag_checks`` and ``rows``.
+"""
