@@ -7,7 +7,7 @@ WORKDIR ?= /tmp/moe_jax_demo
 # so more workers than cores gain nothing). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-gpu venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal
+
+# The kernels on a GPU against float64 references (needs jax with CUDA in $(VENV),
+# e.g. `$(PY) -m pip install -e '.[cuda,test]'`); TILE_VARIANTS=name,... adds variants.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu tests/test_gpu_kernels.py --tile-variants='$(TILE_VARIANTS)'
 
 clean:
 	rm -rf $(VENV)

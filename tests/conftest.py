@@ -5,14 +5,36 @@ skips LLVM's optimisations. The suite is mostly compile time (tiny programs,
 thousands of them), and -O0 cuts its CPU time by about a fifth; results only
 move by float rounding, well inside every test's tolerance. Subprocesses that
 tests start inherit the flags.
+
+A run that selects the GPU tests (``python -m pytest -m gpu ...``) keeps jax's
+default backend and compiler flags instead; those tests skip themselves where
+the default backend is not a GPU.
 """
 import os
 
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import pytest
 
-import pytest  # noqa: E402  pylint: disable=g-import-not-at-top
+
+def _selects_gpu_tests(config) -> bool:
+  expr = config.option.markexpr or ""
+  return "gpu" in expr and "not gpu" not in expr
+
+
+def pytest_configure(config):
+  # Runs before the test modules (and so jax) are imported.
+  if not _selects_gpu_tests(config):
+    os.environ.setdefault(
+        "XLA_FLAGS",
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--tile-variants", default="",
+      help="comma-separated Mosaic kernel tile variants (names as in benchmarks.gmm, e.g. "
+           "pallas_mosaic@split=m,tgmm_mosaic@stages=2) that tests/test_gpu_kernels.py "
+           "checks besides its own")
 
 
 @pytest.fixture
