@@ -1,7 +1,7 @@
 """Times one whole MoE layer, forward+backward, per grouped-matmul implementation.
 
-The layer is router -> dropless dispatch -> SwiGLU experts (three grouped
-matmuls) -> combine. The baseline, measured in the same run, is the same
+The layer is router -> dispatcher (``--dispatch``: dropless, fused) -> SwiGLU
+experts (two grouped matmuls: gate and up together, then down) -> combine. The baseline, measured in the same run, is the same
 expert FLOPs as one dense SwiGLU MLP over T*k rows: three [T*k, d] x [d, f]-shaped
 products with their backward. ratio = baseline time / layer time (1.0 = as fast
 as dense). Both are timed as a training step uses them: output returned, and
@@ -9,6 +9,7 @@ the gradients of <output, dy> for a random dy (``timing.forward_backward``).
 
   python -m benchmarks.moe_layer                   # GPU presets
   python -m benchmarks.moe_layer --preset=smoke    # tiny, any backend
+  python -m benchmarks.moe_layer --dispatch=dropless,fused    # dispatchers by name
   python -m benchmarks.moe_layer --router_precision=bfloat16  # bf16 router logits
 """
 from __future__ import annotations
@@ -21,12 +22,13 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers.experts import FUSED_IMPLS, Experts
-from moe_jax.layers.moe import ROUTER_LOGITS_PRECISIONS, MoeConfig, MoeLayer
-from moe_jax.ops.grouped_matmul import resolve_impl
-from moe_jax.routing import RouterConfig
+from moe_jax import dispatch, routers
+from moe_jax.layers.experts import Experts
+from moe_jax.layers.moe import MoeConfig, MoeLayer
+from moe_jax.ops import registry
+from moe_jax.ops.router_logits import PRECISIONS
 
-from benchmarks import timing
+from benchmarks import flag_checks, timing
 
 _PRESET = flags.DEFINE_enum("preset", "gpu", ["gpu", "smoke"], "Which shapes to time.")
 _IMPLS = flags.DEFINE_list("impls", ["auto", "ragged_dot"], "grouped_matmul implementations.")
@@ -39,13 +41,13 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", False,
 _TRACE_DIR = flags.DEFINE_string(
     "trace_dir", None, "If set, also record a jax.profiler trace (perfetto json) of a few "
     "layer steps per shape and implementation here, and print the top GPU kernels.")
-_FUSED = flags.DEFINE_list("fused_dispatch", ["off", "on"],
-                           "model.moe.fused_dispatch values to time (on: Pallas impls only).")
-_WEIGHTS_AT = flags.DEFINE_list(
-    "combine_weights_at", ["hidden"],
-    "model.moe.combine_weights_at values to time (unfused dispatch): hidden, output.")
+_DISPATCH = flags.DEFINE_list(
+    "dispatch", ["dropless", "fused"],
+    "model.moe.dispatch values to time ('fused' only with implementations that have fused "
+    "kernels).")
+flag_checks.require_choices(_DISPATCH, ("dropless", "fused"))
 _ROUTER_PRECISION = flags.DEFINE_enum(
-    "router_precision", "float32", list(ROUTER_LOGITS_PRECISIONS),
+    "router_precision", "float32", list(PRECISIONS),
     "model.moe.router.logits_precision: the router logits matmul's precision.")
 
 
@@ -72,16 +74,16 @@ def layer_seconds(fn, *args, iters: int) -> float:
   return timing.median_seconds(fn, *args, iters=1, reps=iters)
 
 
-def router_config(shape: Shape) -> RouterConfig:
-  return RouterConfig(name="topk", num_experts=shape.num_experts, top_k=shape.top_k,
-                      logits_precision=_ROUTER_PRECISION.value)
+def moe_config(shape: Shape, impl: str, dispatcher: str) -> MoeConfig:
+  return MoeConfig.from_mapping(dict(
+      num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch=dispatcher,
+      gmm_impl=impl, router=dict(name="topk", top_k=shape.top_k,
+                                 logits_precision=_ROUTER_PRECISION.value)))
 
 
-def layer_step(shape: Shape, impl: str, fused: str, dtype, weights_at: str = "hidden"):
+def layer_step(shape: Shape, impl: str, dispatcher: str, dtype):
   """The jitted layer forward+backward and its arguments."""
-  cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
-                  gmm_impl=impl, fused_dispatch=fused, combine_weights_at=weights_at,
-                  router=router_config(shape))
+  cfg = moe_config(shape, impl, dispatcher)
   layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
   key = jax.random.key(0)
   x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
@@ -93,19 +95,17 @@ def layer_step(shape: Shape, impl: str, fused: str, dtype, weights_at: str = "hi
   return step, (params, x, timing.random_cotangent(x.shape, dtype))
 
 
-def layer_time(shape: Shape, impl: str, fused: str, dtype, iters: int,
-               weights_at: str = "hidden") -> float:
-  fn, args = layer_step(shape, impl, fused, dtype, weights_at)
+def layer_time(shape: Shape, impl: str, dispatcher: str, dtype, iters: int) -> float:
+  fn, args = layer_step(shape, impl, dispatcher, dtype)
   return layer_seconds(fn, *args, iters=iters)
 
 
-def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str,
-                weights_at: str = "hidden") -> None:
+def trace_layer(shape: Shape, impl: str, dispatcher: str, dtype, trace_dir: str) -> None:
   """Records a profiler trace of three layer steps and prints its top device kernels."""
   from tools import trace_summary  # pylint: disable=g-import-not-at-top
-  fn, args = layer_step(shape, impl, fused, dtype, weights_at)
+  fn, args = layer_step(shape, impl, dispatcher, dtype)
   jax.block_until_ready(fn(*args))
-  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{fused}-weights_{weights_at}-"
+  run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{dispatcher}-"
                          f"router_{_ROUTER_PRECISION.value}")
   with jax.profiler.trace(run_dir, create_perfetto_trace=True):
     for _ in range(3):
@@ -117,8 +117,7 @@ def trace_layer(shape: Shape, impl: str, fused: str, dtype, trace_dir: str,
 
 def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
   """The layer's expert stage alone: same weights shapes, same routed group sizes."""
-  cfg = MoeConfig(num_experts=shape.num_experts, d_expert=shape.d_expert, dispatch="dropless",
-                  gmm_impl=impl, router=router_config(shape))
+  cfg = moe_config(shape, impl, "dropless")
   key = jax.random.key(0)
   x = jax.random.normal(key, (1, shape.tokens, shape.d_model), dtype)
   layer = MoeLayer(cfg, dtype=dtype, param_dtype=dtype)
@@ -129,15 +128,16 @@ def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:
   sizes = jnp.floor(load * rows).astype(jnp.int32)
   sizes = sizes.at[0].add(rows - jnp.sum(sizes))
   experts = Experts(num_experts=shape.num_experts, d_hidden=shape.d_expert,
-                    gmm_impl=resolve_impl(impl, x[0], jnp.zeros((1, shape.d_model, 1), dtype)).name,
-                    dtype=dtype, param_dtype=dtype)
+                    gmm_impl=registry.resolve(impl, dtype).name, dtype=dtype, param_dtype=dtype)
   buffer = jax.random.normal(key, (rows, shape.d_model), dtype)
+  as_rows = lambda buffer: dispatch.ExpertRows(data=buffer, group_sizes=sizes,
+                                               row_weight=jnp.ones((rows,), jnp.float32))
   params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p,
-                        jax.jit(experts.init)(key, buffer, sizes)["params"],
+                        jax.jit(experts.init)(key, as_rows(buffer))["params"],
                         is_leaf=lambda p: hasattr(p, "unbox"))
 
   step = jax.jit(timing.forward_backward(
-      lambda params, buffer: experts.apply({"params": params}, buffer, sizes)))
+      lambda params, buffer: experts.apply({"params": params}, as_rows(buffer))))
   return layer_seconds(step, params, buffer, timing.random_cotangent(buffer.shape, dtype),
                        iters=iters)
 
@@ -184,30 +184,26 @@ def main(argv):
     base = float("nan") if _SKIP_DENSE.value else dense_time(shape, dtype, _ITERS.value)
     print_row(shape.name, "dense-equivalent", base, flops, base)
     for impl in _IMPLS.value:
-      probe = jnp.zeros((1, shape.d_model), dtype)
-      resolved = resolve_impl(impl, probe, jnp.zeros((1, shape.d_model, 1), dtype)).name
-      variants = [(fused, weights_at) for fused in _FUSED.value
-                  for weights_at in (_WEIGHTS_AT.value if fused != "on" else ["hidden"])]
-      for fused, weights_at in variants:
-        if fused == "on" and resolved not in FUSED_IMPLS:
+      resolved = registry.resolve(impl, dtype)
+      for dispatcher in _DISPATCH.value:
+        if dispatcher == "fused" and resolved.fused is None:
           continue
         try:
-          seconds = layer_time(shape, impl, fused, dtype, _ITERS.value, weights_at)
+          seconds = layer_time(shape, impl, dispatcher, dtype, _ITERS.value)
         except jax.errors.JaxRuntimeError as e:  # e.g. ragged_dot's dense backward OOMs
           print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
           seconds = None
-        label = resolved + (", fused dispatch" if fused == "on" else "")
-        label += ", weights at output" if weights_at == "output" and fused != "on" else ""
+        label = resolved.name + (", fused dispatch" if dispatcher == "fused" else "")
         print_row(shape.name, f"moe layer [{label}]", seconds, flops, base)
         if _TRACE_DIR.value and seconds is not None:
-          trace_layer(shape, impl, fused, dtype, _TRACE_DIR.value, weights_at)
+          trace_layer(shape, impl, dispatcher, dtype, _TRACE_DIR.value)
       if _BREAKDOWN.value:
         try:
           seconds = experts_only_time(shape, impl, dtype, _ITERS.value)
         except jax.errors.JaxRuntimeError as e:
           print(f"  {impl}: {str(e).splitlines()[0][:160]}", flush=True)
           seconds = None
-        print_row(shape.name, f"experts only [{resolved}]", seconds, flops, base)
+        print_row(shape.name, f"experts only [{resolved.name}]", seconds, flops, base)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_moe_layer_benchmark_smoke():
 
 
 def test_moe_layer_benchmark_trace(tmp_path):
-  out = _run("benchmarks.moe_layer", "--preset=smoke", "--impls=auto", "--fused_dispatch=off",
+  out = _run("benchmarks.moe_layer", "--preset=smoke", "--impls=auto", "--dispatch=dropless",
              "--iters=1", "--skip_dense", "--router_precision=bfloat16",
              f"--trace_dir={tmp_path}", timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
