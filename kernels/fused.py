@@ -32,16 +32,16 @@ import jax.numpy as jnp
 from moe_kernels import gmm as gmm_lib
 
 
+def _keep_inputs(primal, count):
+  """A custom VJP's forward rule whose residuals are the primal's first ``count`` inputs."""
+  return lambda *args: (primal(*args), args[:count])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _gather(x_tokens, row_index, row_slot, w, group_sizes, out_dtype, interpret):
   del row_slot
   return gmm_lib.fwd_call(x_tokens, w, group_sizes, out_dtype, interpret=interpret,
                           lhs_index=row_index)
-
-
-def _gather_fwd(x_tokens, row_index, row_slot, w, group_sizes, out_dtype, interpret):
-  y = _gather(x_tokens, row_index, row_slot, w, group_sizes, out_dtype, interpret)
-  return y, (x_tokens, row_index, row_slot, w, group_sizes)
 
 
 def _gather_bwd(out_dtype, interpret, res, dy):
@@ -63,7 +63,7 @@ def _gather_bwd(out_dtype, interpret, res, dy):
   return dx.astype(x_tokens.dtype), None, None, dw, None
 
 
-_gather.defvjp(_gather_fwd, _gather_bwd)
+_gather.defvjp(_keep_inputs(_gather, 5), _gather_bwd)
 
 
 def gmm_gather(x_tokens: jax.Array, row_index: jax.Array, w: jax.Array,
@@ -87,11 +87,6 @@ def _combine(x, w, group_sizes, out_index, row_weight, out_dtype, interpret):
                           out_index=out_index, row_scale=row_weight)
 
 
-def _combine_fwd(x, w, group_sizes, out_index, row_weight, out_dtype, interpret):
-  y = _combine(x, w, group_sizes, out_index, row_weight, out_dtype, interpret)
-  return y, (x, w, group_sizes, out_index, row_weight)
-
-
 def _combine_bwd(out_dtype, interpret, res, dy):
   del out_dtype
   x, w, group_sizes, out_index, row_weight = res
@@ -108,7 +103,7 @@ def _combine_bwd(out_dtype, interpret, res, dy):
   return dx, dw, None, None, ds
 
 
-_combine.defvjp(_combine_fwd, _combine_bwd)
+_combine.defvjp(_keep_inputs(_combine, 5), _combine_bwd)
 
 
 def gmm_combine(x: jax.Array, w: jax.Array, group_sizes: jax.Array,

@@ -135,16 +135,20 @@ def dtype_reason(dtype, what: str) -> Optional[str]:
   return None
 
 
+def multiples_reason(*checks: tuple[str, int, str, int]) -> Optional[str]:
+  """The first (what, size, tile name, tile) whose size is not a multiple of its tile."""
+  for what, size, name, tile in checks:
+    if size % tile:
+      return f"{what}{size} is not a multiple of {name}={tile}"
+  return None
+
+
 def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
-  if reason := dtype_reason(dtype, "gmm"):
-    return reason
-  if k % tiles.tk:
-    return f"contraction size {k} is not a multiple of tk={tiles.tk}"
-  if n % (2 * tiles.tn):
-    return f"output columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
-  if tiles.tn % tiles.epi_n:
-    return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
-  return tiles_reason(tiles)
+  return (dtype_reason(dtype, "gmm")
+          or multiples_reason(("contraction size ", k, "tk", tiles.tk),
+                              ("output columns ", n, "2*tn", 2 * tiles.tn),
+                              ("tn=", tiles.tn, "epi_n", tiles.epi_n))
+          or tiles_reason(tiles))
 
 
 def tiles_reason(t: Tiles) -> Optional[str]:
@@ -208,15 +212,20 @@ def item_coords(idx, window: int, n_ctas: int):
   return visit, jnp.where(lax.rem(win, 2) == 0, sweep, n_ctas - 1 - sweep)
 
 
+def smem_transforms(minor: int, dtype):
+  """Shared-memory tiling and swizzle of operand blocks whose minor dimension is
+  ``minor`` values of ``dtype`` (the widest swizzle that fits a row)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
 def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: int,
             num_items: int, n_ctas: int, k_steps: int, transpose_rhs: bool):
   # meta_gmem has a multiple of t.window rows (padding rows are no-op visits).
   dtype = lhs_gmem.dtype
   out_dtype = out_gmem.dtype
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(t.tk * itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
-                plgpu.SwizzleTransform(swizzle))
+  transforms = smem_transforms(t.tk, dtype)
   cta_n = 2 * t.tn
   spec = functools.partial(plgpu.BlockSpec, transforms=transforms)
   if transpose_rhs:  # rhs[g] is [N, K]: load [2tn, tk] blocks, feed wgmma transposed

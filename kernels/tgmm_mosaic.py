@@ -80,18 +80,12 @@ def default_tiles(k: int, n: int, out_dtype=jnp.bfloat16) -> Tiles:
 
 
 def unsupported_reason(k: int, n: int, dtype, tiles: Tiles) -> Optional[str]:
-  if reason := gmm_mosaic.dtype_reason(dtype, "tgmm"):
-    return reason
-  if k % tiles.tko:
-    return f"x columns {k} are not a multiple of tko={tiles.tko}"
-  if n % (2 * tiles.tn):
-    return f"dy columns {n} are not a multiple of 2*tn={2 * tiles.tn}"
-  if tiles.tn % tiles.epi_n:
-    return f"tn={tiles.tn} is not a multiple of epi_n={tiles.epi_n}"
-  if tiles.tr % 64:
-    # The neighbour-row mask is built in the wgmma register layout, 64 rows a tile.
-    return f"tr={tiles.tr} is not a multiple of 64"
-  return None
+  # The neighbour-row mask is built in the wgmma register layout, 64 rows a tile.
+  return (gmm_mosaic.dtype_reason(dtype, "tgmm")
+          or gmm_mosaic.multiples_reason(("x columns ", k, "tko", tiles.tko),
+                                         ("dy columns ", n, "2*tn", 2 * tiles.tn),
+                                         ("tn=", tiles.tn, "epi_n", tiles.epi_n),
+                                         ("tr=", tiles.tr, "wgmma rows", 64)))
 
 
 def takes(k: int, n: int, dtype, *, interpret=False) -> bool:
@@ -148,10 +142,7 @@ def _kernel(meta_gmem, x_gmem, dy_gmem, out_gmem, *, t: Tiles, num_groups: int,
   # steps) of the p-th group in processing order (see item_plan).
   dtype = x_gmem.dtype
   out_dtype = out_gmem.dtype
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = plgpu.find_swizzle(t.tr * itemsize * 8)
-  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
-                plgpu.SwizzleTransform(swizzle))
+  transforms = gmm_mosaic.smem_transforms(t.tr, dtype)
   cta_n = 2 * t.tn
   per_group = k_blocks * n_ctas
   num_items = num_groups * per_group

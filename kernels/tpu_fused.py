@@ -153,20 +153,27 @@ def _gather_rows(hbm, idx_ref, first, col0, buf, sem):
   lax.fori_loop(0, rows, lambda r, c: (row_copy(r).wait(), c)[1], 0)
 
 
+def _accumulate(acc, k, has_rows, product) -> None:
+  """acc = 0 at a visit's first contraction step, then acc += product() if it has rows."""
+  @pl.when(k == 0)
+  def _():
+    acc[...] = jnp.zeros_like(acc)
+
+  @pl.when(has_rows)
+  def _():
+    acc[...] += product()
+
+
 def _gather_kernel(tile_ref, grp_ref, lo_ref, hi_ref, first_ref, idx_ref,
                    x_hbm, w_ref, o_ref, xbuf, acc, sem, *, tm, tk, transpose_rhs):
   del grp_ref
   v, k = pl.program_id(1), pl.program_id(2)
   tile, lo, hi = tile_ref[v], lo_ref[v], hi_ref[v]
 
-  @pl.when(k == 0)
-  def _():
-    acc[...] = jnp.zeros_like(acc)
-
-  @pl.when(lo < hi)
-  def _():
+  def product():
     _gather_rows(x_hbm, idx_ref, tile * tm, k * tk, xbuf, sem)
-    acc[...] += _dot(xbuf[...], w_ref[...], transpose_rhs)
+    return _dot(xbuf[...], w_ref[...], transpose_rhs)
+  _accumulate(acc, k, lo < hi, product)
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
@@ -209,14 +216,7 @@ def _combine_kernel(tile_ref, grp_ref, lo_ref, hi_ref, first_ref, last_ref, oidx
   del grp_ref
   n, v, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tile, lo, hi = tile_ref[v], lo_ref[v], hi_ref[v]
-
-  @pl.when(k == 0)
-  def _():
-    acc[...] = jnp.zeros_like(acc)
-
-  @pl.when(lo < hi)
-  def _():
-    acc[...] += _dot(x_ref[...], w_ref[...], transpose_rhs)
+  _accumulate(acc, k, lo < hi, lambda: _dot(x_ref[...], w_ref[...], transpose_rhs))
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
@@ -342,16 +342,16 @@ def tgmm_call(a, b, group_sizes, out_dtype, *, a_index=None, b_index=None, tiles
   return jnp.where((group_sizes > 0)[:, None, None], dw, 0).astype(out_dtype)
 
 
+def _keep_inputs(primal, count):
+  """A custom VJP's forward rule whose residuals are the primal's first ``count`` inputs."""
+  return lambda *args: (primal(*args), args[:count])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _gather(x_tokens, row_index, row_slot, w, group_sizes, out_dtype, tiles, interpret):
   del row_slot
   return gather_call(x_tokens, row_index, w, group_sizes, out_dtype, tiles=tiles,
                      interpret=interpret)
-
-
-def _gather_fwd(x_tokens, row_index, row_slot, w, group_sizes, out_dtype, tiles, interpret):
-  y = _gather(x_tokens, row_index, row_slot, w, group_sizes, out_dtype, tiles, interpret)
-  return y, (x_tokens, row_index, row_slot, w, group_sizes)
 
 
 def _gather_bwd(out_dtype, tiles, interpret, res, dy):
@@ -375,7 +375,7 @@ def _gather_bwd(out_dtype, tiles, interpret, res, dy):
   return dx.astype(x_tokens.dtype), None, None, dw, None
 
 
-_gather.defvjp(_gather_fwd, _gather_bwd)
+_gather.defvjp(_keep_inputs(_gather, 5), _gather_bwd)
 
 
 def gmm_gather(x_tokens: jax.Array, row_index: jax.Array, w: jax.Array,
@@ -405,11 +405,6 @@ def _combine(x, w, group_sizes, out_index, row_weight, out_dtype, tiles, interpr
                       interpret=interpret)
 
 
-def _combine_fwd(x, w, group_sizes, out_index, row_weight, out_dtype, tiles, interpret):
-  y = _combine(x, w, group_sizes, out_index, row_weight, out_dtype, tiles, interpret)
-  return y, (x, w, group_sizes, out_index, row_weight)
-
-
 def _combine_bwd(out_dtype, tiles, interpret, res, dy):
   del out_dtype
   x, w, group_sizes, out_index, row_weight = res
@@ -427,7 +422,7 @@ def _combine_bwd(out_dtype, tiles, interpret, res, dy):
   return dx, dw, None, None, ds
 
 
-_combine.defvjp(_combine_fwd, _combine_bwd)
+_combine.defvjp(_keep_inputs(_combine, 5), _combine_bwd)
 
 
 def gmm_combine(x: jax.Array, w: jax.Array, group_sizes: jax.Array,

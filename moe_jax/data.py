@@ -323,6 +323,18 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
                      f"({shard_count}).")
 
 
+def _split_windows(tokens, seq_len: int, shard_index: int, shard_count: int, split: str,
+                   advice: str) -> tuple[np.ndarray, int]:
+  """The split as uint8 and its number of windows; raises if it holds none."""
+  _check_shard(shard_index, shard_count)
+  tokens = np.asarray(tokens, dtype=np.uint8)
+  n = _num_windows(tokens.size, seq_len)
+  if n < 1:
+    raise ValueError(f"{split} split has {tokens.size} tokens, fewer than seq_len + 1 = "
+                     f"{seq_len + 1}; {advice}.")
+  return tokens, n
+
+
 def make_train_dataset(
     tokens: np.ndarray,
     seq_len: int,
@@ -343,13 +355,9 @@ def make_train_dataset(
   `num_threads=0` reads in the calling thread (the data are already in memory,
   so threads only add GIL contention).
   """
-  _check_shard(shard_index, shard_count)
-  tokens = np.asarray(tokens, dtype=np.uint8)
-  max_windows = _num_windows(tokens.size, seq_len)
-  if max_windows < 1:
-    raise ValueError(
-        f"train split has {tokens.size} tokens, fewer than seq_len + 1 = "
-        f"{seq_len + 1}; use more data (data.path / data.max_bytes).")
+  tokens, max_windows = _split_windows(
+      tokens, seq_len, shard_index, shard_count, "train",
+      "use more data (data.path / data.max_bytes)")
   # Give up one window per epoch so the start offset can take any of the
   # seq_len alignments (when there is only one window, whatever slack exists).
   windows_per_epoch = max(1, max_windows - 1)
@@ -393,13 +401,9 @@ def make_eval_batches(
   With shard_count H > 1, host h takes windows h, h + H, ... of each global
   batch of batch_size * H windows.
   """
-  _check_shard(shard_index, shard_count)
-  tokens = np.asarray(tokens, dtype=np.uint8)
-  n = _num_windows(tokens.size, seq_len)
-  if n < 1:
-    raise ValueError(
-        f"held-out split has {tokens.size} tokens, fewer than seq_len + 1 = "
-        f"{seq_len + 1}; raise data.heldout_permille or add data (data.path).")
+  tokens, n = _split_windows(
+      tokens, seq_len, shard_index, shard_count, "held-out",
+      "raise data.heldout_permille or add data (data.path)")
   global_batch = batch_size * shard_count
   num_batches = max(1, n // global_batch)
   if max_batches > 0:

@@ -446,7 +446,7 @@ def test_tgmm_refuses_steps_of_part_of_a_wgmma_tile():
   # The neighbour-row mask needs whole 64-row wgmma tiles; without this refusal
   # Mosaic fails deep in layout inference (seen on an H200).
   x = jnp.ones((64, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match="tr=32 is not a multiple of 64"):
+  with pytest.raises(ValueError, match="tr=32 is not a multiple of wgmma rows=64"):
     tgmm_mosaic.tgmm(x, x, jnp.array([64]), tiles=tgmm_mosaic.Tiles(tn=64, tr=32),
                      interpret=True)
 

@@ -189,3 +189,24 @@ def logit_aux_losses(logits: jax.Array, router_probs: jax.Array,
       "load_balance": losses.switch_load_balance_loss(router_probs, expert_index, mask),
       "z_loss": losses.router_z_loss(logits),
   }
+
+
+def top_k_routing(logits: jax.Array, probs: jax.Array, weights: jax.Array,
+                  index: jax.Array, **extra_losses: jax.Array) -> Routing:
+  """Every token in k slots (k = index.shape[1]), all valid, with the logit losses."""
+  num_tokens, k = index.shape
+  index = index.astype(jnp.int32)
+  mask = jnp.ones(index.shape, jnp.bool_)
+  return Routing(expert_index=index, combine_weight=weights, mask=mask, router_probs=probs,
+                 aux_losses={**logit_aux_losses(logits, probs, index, mask), **extra_losses},
+                 metrics={}, max_assignments=num_tokens * k, nominal_k=float(k))
+
+
+def per_expert_routing(logits: jax.Array, probs: jax.Array, mask: jax.Array, *,
+                       max_assignments: int, nominal_k: float, metrics=None) -> Routing:
+  """One slot per expert (K = E), valid where ``mask`` [T, E], weighted ``probs``."""
+  num_tokens, num_experts = mask.shape
+  index = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
+  return Routing(expert_index=index, combine_weight=jnp.where(mask, probs, 0.0), mask=mask,
+                 router_probs=probs, aux_losses=logit_aux_losses(logits, probs, index, mask),
+                 metrics=metrics or {}, max_assignments=max_assignments, nominal_k=nominal_k)

@@ -60,24 +60,11 @@ def gate_routing(scores: jax.Array, logits: jax.Array, inputs: RouterInputs,
     rng = base.require_rng(rng, name)
     scores = scores + jax.random.gumbel(rng, scores.shape, jnp.float32)
   gates = jax.nn.softmax(scores / tau, axis=-1)
-  top1 = jax.nn.one_hot(
-      jnp.argmax(gates, axis=-1), num_experts, dtype=jnp.bool_)
+  top1 = jax.nn.one_hot(jnp.argmax(gates, axis=-1), num_experts, dtype=jnp.bool_)
   mask = (gates > cfg.gate_threshold) | top1
   mask = jnp.where(schedules.is_hard_top1(step, cfg), top1, mask)
-  weights = jnp.where(mask, gates, 0.0)
-  index = jnp.broadcast_to(
-      jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
-  return Routing(
-      expert_index=index,
-      combine_weight=weights,
-      mask=mask,
-      router_probs=gates,
-      aux_losses=base.logit_aux_losses(logits, gates, index, mask),
-      metrics={"temperature": tau},
-      max_assignments=num_tokens * num_experts,
-      nominal_k=float(cfg.top_k),
-  )
-
+  return base.per_expert_routing(logits, gates, mask, max_assignments=num_tokens * num_experts,
+                                 nominal_k=float(cfg.top_k), metrics={"temperature": tau})
 
 def route(inputs: RouterInputs, cfg: DenseToSparseConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:

@@ -54,21 +54,8 @@ def route(inputs: RouterInputs, cfg: ExpertChoiceConfig, rng: Optional[jax.Array
   _, taken = jax.lax.top_k(probs.T, c)                       # [E, C] token ids
   chosen = jnp.zeros((num_experts, num_tokens), jnp.bool_)
   chosen = chosen.at[jnp.arange(num_experts)[:, None], taken].set(True)
-  mask = chosen.T                                            # [T, E]
-  weights = jnp.where(mask, probs, 0.0)
-  index = jnp.broadcast_to(
-      jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
-  return Routing(
-      expert_index=index,
-      combine_weight=weights,
-      mask=mask,
-      router_probs=probs,
-      aux_losses=base.logit_aux_losses(logits, probs, index, mask),
-      metrics={},
-      max_assignments=num_experts * c,
-      nominal_k=num_experts * c / num_tokens,
-  )
-
+  return base.per_expert_routing(logits, probs, chosen.T, max_assignments=num_experts * c,
+                                 nominal_k=num_experts * c / num_tokens)
 
 ROUTER = base.register(base.Router(
     name=_NAME, config=ExpertChoiceConfig, route=route, aux_losses=base.LOGIT_AUX_LOSSES,

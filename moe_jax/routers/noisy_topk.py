@@ -43,8 +43,7 @@ def route(inputs: RouterInputs, cfg: NoisyTopkConfig, rng: Optional[jax.Array],
   logits = base.logits_f32(inputs, _NAME)
   noise_logits = base.require_input(
       inputs.noise_logits, "noise_logits", _NAME).astype(jnp.float32)
-  num_tokens, num_experts = logits.shape
-  k = cfg.top_k
+  num_experts = logits.shape[1]
   noise_std = jax.nn.softplus(noise_logits)
   if train:
     rng = base.require_rng(rng, _NAME)
@@ -52,27 +51,14 @@ def route(inputs: RouterInputs, cfg: NoisyTopkConfig, rng: Optional[jax.Array],
     scores = logits + noise * noise_std
   else:
     scores = logits
-  kept, index = jax.lax.top_k(scores, k)
+  kept, index = jax.lax.top_k(scores, cfg.top_k)
   weights = jax.nn.softmax(kept, axis=-1)
-  index = index.astype(jnp.int32)
-  mask = jnp.ones(index.shape, jnp.bool_)
-  probs = jax.nn.softmax(scores, axis=-1)
   onehot = jax.nn.one_hot(index, num_experts, dtype=jnp.float32)
   gates = jnp.sum(onehot * weights[..., None], axis=1)        # [T, E]
-  aux = base.logit_aux_losses(logits, probs, index, mask)
-  aux["importance"] = losses.importance_loss(gates)
-  aux["load"] = losses.load_loss(logits, scores, noise_std, k)
-  return Routing(
-      expert_index=index,
-      combine_weight=weights,
-      mask=mask,
-      router_probs=probs,
-      aux_losses=aux,
-      metrics={},
-      max_assignments=num_tokens * k,
-      nominal_k=float(k),
-  )
-
+  return base.top_k_routing(
+      logits, jax.nn.softmax(scores, axis=-1), weights, index,
+      importance=losses.importance_loss(gates),
+      load=losses.load_loss(logits, scores, noise_std, cfg.top_k))
 
 ROUTER = base.register(base.Router(
     name=_NAME, config=NoisyTopkConfig, route=route,

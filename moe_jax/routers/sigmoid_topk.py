@@ -84,30 +84,15 @@ def route(inputs: RouterInputs, cfg: SigmoidTopkConfig, rng: Optional[jax.Array]
   del rng, train  # deterministic
   logits = base.logits_f32(inputs, _NAME)
   bias = base.require_input(inputs.state, "state", _NAME).astype(jnp.float32)
-  num_tokens = logits.shape[0]
-  k = cfg.top_k
   scores = jax.nn.sigmoid(logits)
   selection = jax.lax.stop_gradient(scores + bias[None, :])
   allowed = group_mask(selection, cfg.num_groups, cfg.topk_groups)
   selection = jnp.where(allowed, selection, -jnp.inf)
-  _, index = jax.lax.top_k(selection, k)
-  index = index.astype(jnp.int32)
+  _, index = jax.lax.top_k(selection, cfg.top_k)
   chosen = jnp.take_along_axis(scores, index, axis=-1)
-  weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True)
-  weights = weights * cfg.routed_scaling_factor
-  mask = jnp.ones(index.shape, jnp.bool_)
+  weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * cfg.routed_scaling_factor
   probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-  return Routing(
-      expert_index=index,
-      combine_weight=weights,
-      mask=mask,
-      router_probs=probs,
-      aux_losses=base.logit_aux_losses(logits, probs, index, mask),
-      metrics={},
-      max_assignments=num_tokens * k,
-      nominal_k=float(k),
-  )
-
+  return base.top_k_routing(logits, probs, weights, index)
 
 BIAS = base.RouterState(
     name="bias",

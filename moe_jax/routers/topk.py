@@ -28,25 +28,11 @@ def route(inputs: RouterInputs, cfg: TopkConfig, rng: Optional[jax.Array],
           train: bool) -> Routing:
   del rng, train  # deterministic
   logits = base.logits_f32(inputs, "topk")
-  num_tokens = logits.shape[0]
-  k = cfg.top_k
   probs = jax.nn.softmax(logits, axis=-1)
-  weights, index = jax.lax.top_k(probs, k)
+  weights, index = jax.lax.top_k(probs, cfg.top_k)
   if cfg.renormalize:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  index = index.astype(jnp.int32)
-  mask = jnp.ones(index.shape, jnp.bool_)
-  return Routing(
-      expert_index=index,
-      combine_weight=weights,
-      mask=mask,
-      router_probs=probs,
-      aux_losses=base.logit_aux_losses(logits, probs, index, mask),
-      metrics={},
-      max_assignments=num_tokens * k,
-      nominal_k=float(k),
-  )
-
+  return base.top_k_routing(logits, probs, weights, index)
 
 ROUTER = base.register(base.Router(
     name="topk", config=TopkConfig, route=route, aux_losses=base.LOGIT_AUX_LOSSES,
