@@ -23,6 +23,8 @@ SHAPES = {
     "mixtral-down": (16384, 14336, 4096, 8),
     "fine-gate-up": (131072, 2048, 1536, 64),
     "fine-down": (131072, 768, 2048, 64),
+    "gpu1b-gate-up": (98304, 1024, 512, 64),   # one layer of configs/gpu_1b.py, top-6
+    "gpu1b-down": (98304, 256, 1024, 64),
     "tiny": (200, 64, 96, 4),  # CPU smoke tests with --interpret (off the Mosaic grid)
     "tiny-mosaic": (200, 128, 256, 4),
 }
