@@ -12,9 +12,9 @@ know before any compute starts:
 
 Keys absent from the mapping take the dataclass defaults (the single source of
 defaults). A field whose type is itself a config dataclass is built from the
-nested mapping the same way. A class may define ``from_mapping(values, path,
-**context)`` to build itself (the MoE section uses it to pick the router's
-config class by name).
+nested mapping the same way. A class may define ``from_mapping(values, path)``
+to build itself (the MoE section uses it to pick the router's config class by
+name).
 
 Dataclasses check themselves in ``__post_init__`` through ``validate()``,
 raising ``FieldError`` (field, value, what is allowed); ``build`` prefixes the
@@ -111,14 +111,14 @@ def _frozen(value: Any) -> Any:
   return value
 
 
-def build(cls, values: Any, path: str = "", **context):
+def build(cls, values: Any, path: str = ""):
   """``cls`` from a mapping; unknown keys, wrong types and bad values raise ConfigError."""
   if hasattr(cls, "from_mapping"):
-    return cls.from_mapping(values, path, **context)
-  return build_fields(cls, as_dict(values), path, **context)
+    return cls.from_mapping(values, path)
+  return build_fields(cls, as_dict(values), path)
 
 
-def build_fields(cls, values: dict, path: str, **context):
+def build_fields(cls, values: dict, path: str):
   """``build`` without the class's own ``from_mapping`` hook (for use inside one)."""
   fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
   for key in values:
@@ -130,7 +130,7 @@ def build_fields(cls, values: dict, path: str, **context):
     where = f"{path}.{name}" if path else name
     tp = hints.get(name)
     if _is_config_class(tp) and not isinstance(value, tp):
-      kwargs[name] = build(tp, value, where, **context)
+      kwargs[name] = build(tp, value, where)
     else:
       kwargs[name] = _check_type(where, _frozen(value), tp)
   try:

@@ -20,7 +20,7 @@ slots. Dispatchers are chosen by name (``model.moe.dispatch``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Protocol
 
 import flax.linen as nn
 import jax
@@ -71,6 +71,20 @@ class ExpertRows:
                                       self.row_weight, impl=impl)
 
 
+class Dispatcher(Protocol):
+  """What the MoE layer asks of a dispatcher (each step a pure function)."""
+  name: str
+
+  def plan(self, routing: Routing, capacity_factor: float) -> DispatchPlan:
+    """Where each routed slot goes: integers only."""
+
+  def dispatch(self, x: jax.Array, plan: DispatchPlan, routing: Routing) -> ExpertRows:
+    """Tokens [T, d] -> rows grouped by expert, with their combine weights."""
+
+  def combine(self, y: jax.Array, plan: DispatchPlan) -> jax.Array:
+    """The experts' weighted rows -> [T, d]."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Sorted:
   """Rows sorted by expert, moved by gathers (``dropless`` or ``capacity`` plans)."""
@@ -117,11 +131,11 @@ class Fused:
     return jnp.sum(y.reshape(num_tokens, k, -1), axis=1, dtype=jnp.float32).astype(y.dtype)
 
 
-DISPATCHERS = {d.name: d for d in (Sorted("dropless", "dropless"),
-                                   Sorted("capacity", "capacity"), Fused())}
+DISPATCHERS: dict[str, Dispatcher] = {
+    d.name: d for d in (Sorted("dropless", "dropless"), Sorted("capacity", "capacity"), Fused())}
 
 
-def get(name: str):
+def get(name: str) -> Dispatcher:
   if name not in DISPATCHERS:
     raise ConfigError(f"model.moe.dispatch={name!r}; allowed: {list(DISPATCHERS)}")
   return DISPATCHERS[name]

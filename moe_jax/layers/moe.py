@@ -69,9 +69,8 @@ class MoeConfig(Checked):
               f"with dispatch='fused', one with fused kernels: {ops.registry.with_fused()}")
 
   @classmethod
-  def from_mapping(cls, values: Any, path: str = "model.moe", **context) -> "MoeConfig":
+  def from_mapping(cls, values: Any, path: str = "model.moe") -> "MoeConfig":
     """Built strictly from ``config.model.moe``; the router by its ``name``."""
-    del context
     values = as_dict(values)
     router_values = values.pop("router", {})
     num_experts = values.get("num_experts", cls.num_experts)
