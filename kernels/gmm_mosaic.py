@@ -220,6 +220,15 @@ def smem_transforms(minor: int, dtype):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def persistent_kernel(kernel, out_type, num_ctas: int, interpret):
+  """``kernel`` on ``num_ctas`` CTAs of three warpgroups each (memory + two compute)."""
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(num_ctas,), grid_names=("sm",), num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret_params(interpret))
+
+
 def _kernel(meta_gmem, lhs_gmem, rhs_gmem, out_gmem, *, t: Tiles, num_groups: int,
             num_items: int, n_ctas: int, k_steps: int, transpose_rhs: bool):
   # meta_gmem has a multiple of t.window rows (padding rows are no-op visits).
@@ -375,16 +384,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   kernel = functools.partial(
       _kernel, t=t, num_groups=num_groups, num_items=num_items,
       n_ctas=n_ctas, k_steps=k // t.tk, transpose_rhs=transpose_rhs)
-  call = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((padded, n), out_dtype),
-      grid=(grid,),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret_params(interpret),
-  )
+  call = persistent_kernel(kernel, jax.ShapeDtypeStruct((padded, n), out_dtype), grid,
+                           interpret)
   out = call(meta, x, w)
   return out[:m] if padded != m else out

@@ -299,16 +299,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   grid = num_sms or gmm_mosaic.default_num_sms(interpret)
   kernel = functools.partial(_kernel, t=t, num_groups=num_groups, k_blocks=k // t.tko,
                              n_ctas=n // (2 * t.tn), num_sms=grid)
-  call = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-      grid=(grid,),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=gmm_mosaic.interpret_params(interpret),
-  )
+  call = gmm_mosaic.persistent_kernel(
+      kernel, jax.ShapeDtypeStruct((num_groups, k, n), out_dtype), grid, interpret)
   return call(meta, x, dy)
 
