@@ -141,8 +141,7 @@ def _ragged_dot(x, w, group_sizes, out_dtype):
   return jnp.where(valid[:, None], y, 0.0).astype(out_dtype)
 
 
+# The oracle; its fused products go through XLA gathers (for tests).
 registry.register(GmmImpl(
-    "reference", _reference, fused=FusedKernels(_reference_gather, _reference_scatter),
-    doc="a loop over experts with dense matmuls: the oracle (fused variants through XLA "
-        "gathers, for tests)"))
-registry.register(GmmImpl("ragged_dot", _ragged_dot, doc="XLA's lax.ragged_dot"))
+    "reference", _reference, fused=FusedKernels(_reference_gather, _reference_scatter)))
+registry.register(GmmImpl("ragged_dot", _ragged_dot))

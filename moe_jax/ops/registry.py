@@ -49,7 +49,6 @@ class GmmImpl:
   group_offset_fn: Optional[Callable] = None
   available: Callable[[], Optional[str]] = lambda: None   # None, or why it cannot load
   elsewhere: str = ""               # what to use where this cannot run
-  doc: str = ""
 
   def unsupported_reason(self, dtype, platform: Optional[str] = None) -> Optional[str]:
     """None if this implementation runs on ``platform`` (default: here) for ``dtype``."""
