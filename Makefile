@@ -2,7 +2,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-WORKDIR ?= /tmp/moe_jax_demo
+# Each `make demo` trains in a fresh directory of its own under runs/ (nothing is
+# ever deleted); pass WORKDIR=<dir> to resume or continue a run there.
+WORKDIR ?= $(shell mkdir -p runs && mktemp -d runs/demo-$$(date +%Y%m%d-%H%M%S)-XXXX)
 # pytest-xdist workers for `make test` (CI has 2 cores; the suite is CPU-bound,
 # so more workers than cores gain nothing). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
@@ -18,7 +20,6 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(WORKDIR)
 	$(PY) -m experiments.train --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(STAMP)

@@ -391,26 +391,49 @@ def make_eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-  """Deterministic batches over the start of the held-out split.
+  """Deterministic batches over the held-out split, with per-target ``weights``.
 
   Windows of seq_len + 1 tokens start every seq_len tokens, so each held-out
-  byte after the first is a target exactly once. Only full batches are kept,
-  at most `max_batches` (<= 0: all). When the split has fewer windows than one
+  byte after the first is a target at most once. With `max_batches` <= 0 every
+  one of them is: the tail is padded with zero tokens of weight 0 to fill the
+  last window and the last batch. Otherwise only full windows and full batches
+  are used, at most `max_batches`; when the split has fewer windows than one
   global batch, windows are repeated cyclically to fill a single batch (the
   mean loss then weights some windows more; fine for a tiny held-out set).
   With shard_count H > 1, host h takes windows h, h + H, ... of each global
   batch of batch_size * H windows.
   """
+  if max_batches <= 0:
+    return _whole_split_batches(tokens, seq_len, batch_size, shard_index, shard_count)
   tokens, n = _split_windows(
       tokens, seq_len, shard_index, shard_count, "held-out",
       "raise data.heldout_permille or add data (data.path)")
   global_batch = batch_size * shard_count
-  num_batches = max(1, n // global_batch)
-  if max_batches > 0:
-    num_batches = min(num_batches, max_batches)
+  num_batches = min(max(1, n // global_batch), max_batches)
   idx = np.arange(num_batches * global_batch) % n
   idx = idx.reshape(num_batches, batch_size, shard_count)[:, :, shard_index]
   starts = idx * seq_len
   windows = tokens[starts[..., None] + np.arange(seq_len + 1)].astype(np.int32)
-  return [_split_window(w) for w in windows]
+  return [dict(_split_window(w), weights=np.ones((batch_size, seq_len), np.float32))
+          for w in windows]
+
+
+def _whole_split_batches(tokens, seq_len: int, batch_size: int, shard_index: int,
+                         shard_count: int) -> list[dict[str, np.ndarray]]:
+  _check_shard(shard_index, shard_count)
+  tokens = np.asarray(tokens, dtype=np.uint8)
+  num_targets = tokens.size - 1
+  if num_targets < 1:
+    raise ValueError(f"held-out split has {tokens.size} tokens; need at least 2.")
+  global_batch = batch_size * shard_count
+  num_windows = -(-num_targets // seq_len)
+  num_batches = -(-num_windows // global_batch)
+  total = num_batches * global_batch
+  padded = np.zeros(total * seq_len + 1, np.int32)
+  padded[:tokens.size] = tokens
+  weights = (np.arange(total * seq_len) < num_targets).astype(np.float32)
+  idx = np.arange(total).reshape(num_batches, batch_size, shard_count)[:, :, shard_index]
+  offsets = idx[..., None] * seq_len + np.arange(seq_len + 1)
+  return [dict(_split_window(w), weights=m[:, :-1])
+          for w, m in zip(padded[offsets], weights[np.minimum(offsets, total * seq_len - 1)])]
 

@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"(loss became (nan|inf)|parameters .* became nan/inf) at step \d+.*"
                      r"last good checkpoint \(step \d+\)"):
-    loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir, allow_config_change=["optimizer.learning_rate"])
   checkpointer = loop.Checkpointer(workdir, 3)
   steps = checkpointer.all_steps()
   assert steps and max(steps) < 12
@@ -122,7 +122,7 @@ def test_short_run_loss_falls_and_leaves_artifacts(tmp_path):
   assert losses[40] < losses[5] - 0.5, losses
   # 40 steps on 60 kB: better than a uniform byte model (8 bits); the demo shows more.
   assert summary.heldout_bits_per_byte < 8.0
-  assert os.path.getsize(summary.plot_path) > 1000
+  assert all(os.path.getsize(summary.plots[name]) > 1000 for name in ("loss", "expert_load"))
   assert os.listdir(tmp_path / "tensorboard")
   # Every 3 steps and at the end, keeping the last keep_checkpoints=3.
   assert loop.Checkpointer(str(tmp_path), 3).all_steps() == [36, 39, 40]

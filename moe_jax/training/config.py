@@ -10,8 +10,10 @@ raise ConfigError naming the field.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
+from moe_jax import routers
 from moe_jax.config_fields import Checked, build, require
 from moe_jax.data import DataConfig
 from moe_jax.layers.transformer import ModelConfig
@@ -47,17 +49,21 @@ class OptimizerConfig(Checked):
 class TrainConfig(Checked):
   """``config.train``: steps, and how often to log, evaluate and checkpoint."""
   num_steps: int = 600
-  log_every: int = 50
+  log_every: int = 50               # logged values are means over the steps since the last log
   eval_every: int = 200
-  eval_batches: int = 8
+  eval_batches: int = 8             # held-out batches per evaluation during training; 0 = all
+  final_eval_batches: int = 0       # held-out batches of the final evaluation; 0 = all
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
 
   def validate(self) -> None:
     super().validate()
-    for field in ("num_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+    for field in ("num_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
       require(getattr(self, field) >= 1, field, getattr(self, field), "an integer >= 1")
+    for field in ("eval_batches", "final_eval_batches"):
+      require(getattr(self, field) >= 0, field, getattr(self, field),
+              "an integer >= 0 (0 = the whole held-out split)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,16 @@ class ExperimentConfig(Checked):
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+  """Plain JSON-ready values of every field (the router with its ``name``), such
+  that ``experiment_config(config_to_dict(c)) == c``."""
+  values = json.loads(json.dumps(dataclasses.asdict(config)))
+  router = values["model"]["moe"]["router"]
+  del router["num_experts"]          # set by model.moe.num_experts
+  router["name"] = routers.of(config.model.moe.router).name
+  return values
 
 
 def experiment_config(config: Any) -> ExperimentConfig:

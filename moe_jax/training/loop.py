@@ -4,24 +4,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
+import signal
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from moe_jax import data as data_lib
 from moe_jax import sharding as sharding_lib
-from moe_jax.config_validation import validate_config
+from moe_jax.config_validation import ConfigError, validate_config
 from moe_jax.layers.transformer import TransformerLM
 from moe_jax.training import steps
+from moe_jax.training import workdir as workdir_lib
 from moe_jax.training.checkpointing import Checkpointer, abstract_with_sharding
+from moe_jax.training.config import config_to_dict, experiment_config
 from moe_jax.training.metric_logging import MetricLogger, format_progress
-from moe_jax.training.plots import plot_expert_load
+from moe_jax.training.plots import plot_run
+from moe_jax.training.preemption import StopSignals, StopVote, TrainingInterrupted
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -36,7 +42,7 @@ class RunSummary:
   heldout_bits_per_byte: Optional[float]
   unigram_entropy_bits: float
   checkpoint_dir: str
-  plot_path: Optional[str]
+  plots: dict          # {"loss": path, "expert_load": path}, those written
 
 
 def _say(message: str) -> None:
@@ -57,9 +63,9 @@ class _Run:
     self.rules = sharding_lib.rules_from(config.mesh.rules)
     self.model = TransformerLM(config.model)
     self.optimizer = steps.make_optimizer(config.optimizer, config.train.num_steps)
+    self.schedule = steps.learning_rate_schedule(config.optimizer, config.train.num_steps)
     self.local_batch = config.data.batch_size // jax.process_count()
-    sample = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
-    init = functools.partial(steps.init_state, self.model, self.optimizer, sample_tokens=sample)
+    init = _init_fn(config, self.model, self.optimizer)
     with self.context():
       boxed = jax.eval_shape(init, jax.random.key(0))
     self.state_sharding = nn.logical_to_mesh_sharding(
@@ -68,7 +74,9 @@ class _Run:
     self._init = jax.jit(lambda rng: nn.meta.unbox(init(rng)),
                          out_shardings=self.state_sharding)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+    self.vote_sharding = NamedSharding(self.mesh, PartitionSpec(self.batch_sharding.spec[0]))
     replicated = sharding_lib.replicated(self.mesh)
+    self.state_summary = jax.jit(_state_summary, out_shardings=replicated)
     self.train_step = jax.jit(
         functools.partial(steps.train_step, model=self.model, optimizer=self.optimizer),
         in_shardings=(self.state_sharding, self.batch_sharding, replicated),
@@ -79,6 +87,14 @@ class _Run:
 
   def context(self):
     return _Context(self.mesh, self.rules)
+
+  def state_shapes(self, config) -> Any:
+    """(shape, dtype) of every leaf of the train state ``config`` would build."""
+    init = _init_fn(config, TransformerLM(config.model),
+                    steps.make_optimizer(config.optimizer, config.train.num_steps))
+    with self.context():
+      boxed = jax.eval_shape(init, jax.random.key(0))
+    return jax.tree.map(lambda x: (x.shape, str(x.dtype)), nn.meta.unbox(boxed))
 
   def init_state(self):
     with self.context():
@@ -94,17 +110,35 @@ class _Run:
         seed=self.config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count()))
 
-  def evaluate(self, state) -> tuple[float, float]:
+  def evaluate(self, state, max_batches: int) -> "Evaluation":
+    """Held-out loss over the first ``max_batches`` batches (0: the whole split)."""
     total, count = 0.0, 0.0
     with self.context():
       for batch in data_lib.make_eval_batches(
-          self.corpus.heldout, self.config.data.seq_len, self.local_batch,
-          self.config.train.eval_batches, shard_index=jax.process_index(),
-          shard_count=jax.process_count()):
+          self.corpus.heldout, self.config.data.seq_len, self.local_batch, max_batches,
+          shard_index=jax.process_index(), shard_count=jax.process_count()):
         out = jax.device_get(self.eval_step(state, self.global_batch(batch)))
         total, count = total + float(out["loss_sum"]), count + float(out["count"])
     loss = total / count
-    return loss, data_lib.bits_per_byte(loss)
+    targets = max(len(self.corpus.heldout) - 1, 1)
+    return Evaluation(loss, data_lib.bits_per_byte(loss), int(count), min(1.0, count / targets))
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  loss: float                # nats per byte
+  bits_per_byte: float
+  targets: int               # held-out bytes predicted
+  coverage: float            # their share of the held-out split
+
+  def describe(self) -> str:
+    return (f"held-out loss {self.loss:.4f} nats = {self.bits_per_byte:.4f} bits/byte over "
+            f"{self.targets:,} bytes ({100 * self.coverage:.0f}% of the held-out split)")
+
+
+def _init_fn(config, model, optimizer):
+  sample = jnp.zeros((config.data.batch_size, config.data.seq_len), jnp.int32)
+  return functools.partial(steps.init_state, model, optimizer, sample_tokens=sample)
 
 
 class _Context:
@@ -152,86 +186,228 @@ def _check_state_finite(step: int, state, checkpointer: Checkpointer) -> None:
     _stop("parameters or optimiser state became nan/inf", step, checkpointer)
 
 
-def _host_metrics(metrics: dict) -> dict:
+def _host_means(sums: dict, num_steps: int) -> dict:
+  """Per-step means of metrics summed over ``num_steps`` steps, as Python values."""
   out = {}
-  for name, value in jax.device_get(metrics).items():
-    value = np.asarray(value)
+  for name, value in jax.device_get(sums).items():
+    value = np.asarray(value, np.float64) / num_steps
     out[name] = value.tolist() if value.ndim else float(value)
   return out
 
 
-def train_and_evaluate(config: Any, workdir: str,
-                       stop_after_steps: Optional[int] = None) -> RunSummary:
+@jax.jit
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _state_summary(router_state) -> dict:
+  """Mean, std, min and max of each router state leaf (e.g. the sigmoid router's bias)."""
+  stats = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(router_state)[0]:
+    name = "router_state/" + "/".join(str(getattr(k, "key", k)) for k in path)
+    leaf = leaf.astype(jnp.float32)
+    stats.update({f"{name}/mean": jnp.mean(leaf), f"{name}/std": jnp.std(leaf),
+                  f"{name}/min": jnp.min(leaf), f"{name}/max": jnp.max(leaf)})
+  return stats
+
+
+# Changing these on resume would change what the saved data position means.
+NEVER_CHANGE_ON_RESUME = ("data.seq_len", "data.batch_size")
+
+
+def _state_changes(run: _Run, recorded_config: dict) -> list[str]:
+  """Leaves of the train state whose shape or dtype the recorded config gives otherwise."""
+  old = jax.tree_util.tree_flatten_with_path(run.state_shapes(experiment_config(recorded_config)))
+  new = jax.tree_util.tree_flatten_with_path(run.state_shapes(run.config))
+  old = {jax.tree_util.keystr(p): v for p, v in old[0]}
+  new = {jax.tree_util.keystr(p): v for p, v in new[0]}
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _record_config(run: _Run, workdir: str, resuming: bool,
+                   allow_change: Sequence[str]) -> dict:
+  """Writes the run's config to the workdir; on resume, first refuses any
+  difference from the recorded one that ``allow_change`` does not list."""
+  config = config_to_dict(run.config)
+  recorded = workdir_lib.read_record(workdir)
+  history = []
+  if resuming and recorded is None:
+    _say(f"{workdir} has checkpoints but no recorded config (an older moe_jax wrote it); "
+         "recording this one")
+  elif resuming:
+    changed = workdir_lib.check_resume(recorded, config, allow_change, NEVER_CHANGE_ON_RESUME,
+                                       path=os.path.join(workdir, workdir_lib.RECORD_NAME))
+    if changed:
+      try:
+        moved = _state_changes(run, recorded["config"])
+      except ConfigError as e:
+        raise workdir_lib.ConfigChanged(
+            f"the recorded config no longer builds ({e}); cannot check that the changes "
+            f"keep the saved state's shapes") from None
+      if moved:
+        fields = ", ".join(f for f, _, _ in changed)
+        raise workdir_lib.ConfigChanged(
+            f"changing {fields} on resume changes the saved train state ({len(moved)} "
+            f"leaves, e.g. {', '.join(moved[:3])}); such fields can never change on resume")
+    history = list(recorded.get("changes", []))
+    history += [{"field": f, "old": a, "new": b, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                for f, a, b in changed]
+    for field, old, new in changed:
+      _say(f"changed on resume: {field} {old} -> {new}")
+  record = workdir_lib.run_record(config, workdir_lib.versions())
+  if history:
+    record["changes"] = history
+  if jax.process_index() == 0:
+    workdir_lib.write_record(workdir, record)
+  return record
+
+
+def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int] = None,
+                       strict_resume: bool = False,
+                       allow_config_change: Sequence[str] = ()) -> RunSummary:
   """Trains (resuming from ``workdir`` if it holds checkpoints) and evaluates.
 
   ``stop_after_steps`` ends this invocation after that many steps with a
   checkpoint, as a preemption would; running again resumes the same run.
+  SIGTERM or SIGINT stop the run the same way and raise TrainingInterrupted.
+  A resume refuses a config that differs from the recorded one, except in the
+  fields (or ``section.*`` patterns) that ``allow_config_change`` lists; a
+  latest checkpoint that fails to restore is set aside for the previous one
+  unless ``strict_resume``.
   """
-  run = _Run(config, workdir)
+  run = _Run(config, workdir)   # every config error is raised here, before anything is written
   config = run.config
   tcfg = config.train
+  chief = jax.process_index() == 0
+  lock = workdir_lib.WorkdirLock(workdir) if chief else None
+  if lock is not None:
+    note = lock.acquire()
+    if note:
+      _say(note)
+  checkpointer = logger = None
+  try:
+    with StopSignals(_say) as signals:
+      checkpointer = Checkpointer(workdir, tcfg.keep_checkpoints)
+      record = _record_config(run, workdir, checkpointer.latest_step() is not None,
+                              allow_config_change)
+      summary = _train(run, workdir, checkpointer, signals, stop_after_steps, strict_resume,
+                       record)
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+    if lock is not None:
+      lock.release()
+  return summary
+
+
+def _train(run: _Run, workdir: str, checkpointer: Checkpointer, signals: StopSignals,
+           stop_after_steps: Optional[int], strict_resume: bool, record: dict) -> RunSummary:
+  config, tcfg = run.config, run.config.train
   entropy = data_lib.unigram_entropy_bits(run.corpus.train)
-  checkpointer = Checkpointer(workdir, tcfg.keep_checkpoints)
   iterator = run.train_iterator()
-  start = checkpointer.latest_step()
-  if start is None:
+  restored = checkpointer.restore_latest_good(run.abstract_state, strict_resume, say=_say)
+  if restored is None:
     state, start = run.init_state(), 0
     _say(f"new run in {workdir}: {run.corpus.description}")
   else:
-    state, data_state = checkpointer.restore(start, run.abstract_state)
-    iterator.set_state(data_state)
+    state, start = restored.state, restored.step
+    iterator.set_state(restored.data_state)
+    for note in restored.notes:
+      _say(note)
     _say(f"resuming from step {start} in {checkpointer.directory}")
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
   _say(f"model: {num_params / 1e6:.2f}M parameters; devices: {jax.device_count()} "
        f"({jax.default_backend()}); mesh {dict(run.mesh.shape)}")
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  logger = MetricLogger(workdir, tcfg.num_steps, tokens_per_step,
-                        is_chief=jax.process_index() == 0)
+  logger = MetricLogger(workdir, tcfg.num_steps, tokens_per_step, is_chief=jax.process_index() == 0)
   logger.truncate_after(start)
+  if start == 0:
+    logger.log_text("config", "```\n" + json.dumps(record, indent=2) + "\n```")
   end = tcfg.num_steps if stop_after_steps is None else min(
       tcfg.num_steps, start + stop_after_steps)
   try:
-    base_rng = jax.random.key(config.seed + 1)
-    pending = None   # (step, metrics) whose loss has not been checked yet
-    with run.context():
-      for step in range(start, end):
-        batch = run.global_batch(next(iterator))
-        state, metrics = run.train_step(state, batch, base_rng)
-        if pending is not None:
-          _check_finite(*pending, checkpointer)
-        pending = (step + 1, metrics)
-        done = step + 1
-        if done % tcfg.log_every == 0 or done == end:
-          _check_finite(done, metrics, checkpointer)
-          pending = None
-          host = _host_metrics(metrics)
-          rate = logger.log(done, host)
-          _say(format_progress(done, tcfg.num_steps, host["loss"], rate.tokens_per_sec,
-                               rate.eta_seconds))
-        if done % tcfg.eval_every == 0 and done != tcfg.num_steps:
-          loss, bpb = run.evaluate(state)
-          logger.log(done, {"eval/loss": loss, "eval/bits_per_byte": bpb})
-          _say(f"step {done}: held-out loss {loss:.4f} nats, {bpb:.4f} bits/byte")
-        if done % tcfg.checkpoint_every == 0 or done == end:
-          _check_finite(done, metrics, checkpointer)
-          _check_state_finite(done, state, checkpointer)
-          pending = None
-          checkpointer.save(done, state, iterator.get_state())
-
+    state, stopped_by = _train_steps(run, state, iterator, start, end, checkpointer, logger,
+                                     signals)
+    signals.restore()   # from here on (the final evaluation), a signal acts as usual
     final = int(jax.device_get(state.step))
-    heldout_loss = bpb = plot = None
-    if final >= tcfg.num_steps:
-      heldout_loss, bpb = run.evaluate(state)
-      logger.log(final, {"eval/loss": heldout_loss, "eval/bits_per_byte": bpb})
+    if stopped_by is not None:
       logger.flush()
-      if jax.process_index() == 0 and config.model.moe_every > 0:
-        plot = plot_expert_load(os.path.join(workdir, "metrics.jsonl"),
-                                os.path.join(workdir, "expert_load.png"))
-      _say(f"final held-out: {heldout_loss:.4f} nats/byte = {bpb:.4f} bits/byte; "
-           f"unigram entropy of the training bytes: {entropy:.4f} bits/byte")
+      name = signal.Signals(stopped_by).name
+      raise TrainingInterrupted(
+          f"stopped by {name} at step {final}; its checkpoint is in {checkpointer.directory}. "
+          "Run the same command again to resume.", stopped_by, final)
+    heldout = None
+    plots = {}
+    if final >= tcfg.num_steps:
+      heldout = run.evaluate(state, tcfg.final_eval_batches)
+      logger.log(final, {"eval/loss": heldout.loss, "eval/bits_per_byte": heldout.bits_per_byte,
+                         "eval/coverage": heldout.coverage})
+      logger.flush()
+      if jax.process_index() == 0:
+        plots = plot_run(workdir)
+      _say(f"final {heldout.describe()}; unigram entropy of the training bytes: "
+           f"{entropy:.4f} bits/byte")
+      if plots:
+        _say("plots: " + ", ".join(plots.values()))
   finally:
-    # Also on errors and interrupts: flush logs, finish any checkpoint in flight.
-    checkpointer.close()
-    logger.close()
-  return RunSummary(final, heldout_loss, bpb, entropy, checkpointer.directory, plot)
+    logger.close()   # also on errors and interrupts
+  return RunSummary(final, heldout and heldout.loss, heldout and heldout.bits_per_byte, entropy,
+                    checkpointer.directory, plots)
+
+
+def _train_steps(run: _Run, state, iterator, start: int, end: int, checkpointer: Checkpointer,
+                 logger: MetricLogger, signals: StopSignals):
+  """Steps ``start`` to ``end`` (fewer when a signal stops them); returns the
+  state and the signal that stopped them, if one did."""
+  tcfg = run.config.train
+  if start >= end:
+    return state, None
+  base_rng = jax.random.key(run.config.seed + 1)
+  first_batch = run.global_batch(next(iterator))
+  _say("compiling the train step...")
+  began = time.perf_counter()
+  with run.context():
+    train_step = run.train_step.lower(state, first_batch, base_rng).compile()
+  _say(f"compiled in {time.perf_counter() - began:.1f} s; training")
+  logger.timer.update(start)
+  vote = StopVote(run.vote_sharding, run.local_batch)
+  pending = None          # (step, metrics) whose loss has not been checked yet
+  sums, summed = None, 0  # metrics summed since the last log, over that many steps
+  stop = False
+  with run.context():
+    for step in range(start, end):
+      batch = first_batch if step == start else run.global_batch(next(iterator))
+      state, metrics = train_step(state, batch, base_rng)
+      sums, summed = (metrics if sums is None else _add(sums, metrics)), summed + 1
+      if pending is not None:
+        _check_finite(*pending, checkpointer)
+      pending = (step + 1, metrics)
+      stop = vote.cast(signals.signum is not None)
+      done = step + 1
+      last = done == end or stop
+      if done % tcfg.log_every == 0 or last:
+        _check_finite(done, metrics, checkpointer)
+        pending = None
+        host = _host_means(sums, summed)
+        host["learning_rate"] = float(run.schedule(done - 1))
+        host.update(_host_means(run.state_summary(state.router_state), 1))
+        sums, summed = None, 0
+        rate = logger.log(done, host)
+        _say(format_progress(done, tcfg.num_steps, host["loss"], rate.tokens_per_sec,
+                             rate.eta_seconds,
+                             {"lr": host["learning_rate"], "grad norm": host["grad_norm"]}))
+      if done % tcfg.eval_every == 0 and done != tcfg.num_steps and not stop:
+        heldout = run.evaluate(state, tcfg.eval_batches)
+        logger.log(done, {"eval/loss": heldout.loss, "eval/bits_per_byte": heldout.bits_per_byte,
+                          "eval/coverage": heldout.coverage})
+        _say(f"step {done}: {heldout.describe()}")
+      if done % tcfg.checkpoint_every == 0 or last:
+        _check_finite(done, metrics, checkpointer)
+        _check_state_finite(done, state, checkpointer)
+        pending = None
+        checkpointer.save(done, state, iterator.get_state())
+      if stop:
+        checkpointer.wait()
+        return state, signals.signum or signal.SIGTERM
+  return state, None

@@ -190,6 +190,11 @@ class MetricLogger:
 
   log_scalars = log
 
+  def log_text(self, tag: str, text: str, step: int = 0) -> None:
+    """A text entry in TensorBoard (markdown), e.g. the run's config."""
+    if self.is_chief:
+      self._tb_writer().add_text(tag, text, step)
+
   def truncate_after(self, step: int) -> None:
     """Keeps only JSONL records with step <= `step`; purges later TB events.
 

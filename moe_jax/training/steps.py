@@ -18,13 +18,18 @@ class TrainState:
   router_state: Any                # non-trained per-layer state (sigmoid_topk bias)
 
 
-def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation:
-  """AdamW, linear warm-up then cosine decay to min_lr_ratio * peak, global-norm clipping."""
+def learning_rate_schedule(opt_cfg: Any, num_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to min_lr_ratio * peak at num_steps."""
   warmup = min(opt_cfg.warmup_steps, max(num_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=warmup,
       decay_steps=max(num_steps, warmup + 1),
       end_value=opt_cfg.learning_rate * opt_cfg.min_lr_ratio)
+
+
+def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation:
+  """AdamW on ``learning_rate_schedule``, global-norm clipping."""
+  schedule = learning_rate_schedule(opt_cfg, num_steps)
 
   def decay_mask(params):
     # No weight decay on norm scales and router projections.
@@ -88,7 +93,9 @@ def train_step(state: TrainState, batch: dict, base_rng: jax.Array, *, model: nn
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
+  """Summed loss and target count; ``batch["weights"]`` (if present) masks padding."""
   logits = model.apply({"params": state.params, "router_state": state.router_state},
                        batch["inputs"], step=state.step, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  return {"loss_sum": jnp.sum(losses), "count": jnp.asarray(losses.size, jnp.float32)}
+  weights = batch.get("weights", jnp.ones_like(losses))
+  return {"loss_sum": jnp.sum(losses * weights), "count": jnp.sum(weights, dtype=jnp.float32)}
