@@ -294,3 +294,21 @@ def test_eval_batches_small_heldout():
   assert batch["inputs"].shape == (4, SEQ_LEN)
   with pytest.raises(ValueError, match=r"data\.heldout_permille"):
     data.make_eval_batches(_tokens(SEQ_LEN), SEQ_LEN, 4, max_batches=5)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_eval_batches_zero_cover_every_heldout_target_once(shards):
+  tokens = np.random.default_rng(0).integers(0, 256, size=1000).astype(np.uint8)
+  per_host = [data.make_eval_batches(tokens, SEQ_LEN, 4, 0, h, shards) for h in range(shards)]
+  windows = {}   # global window index -> (inputs, targets, weights)
+  for h, batches in enumerate(per_host):
+    for k, batch in enumerate(batches):
+      assert batch["weights"].shape == batch["targets"].shape == (4, SEQ_LEN)
+      for r in range(4):
+        windows[(k * 4 + r) * shards + h] = (batch["inputs"][r], batch["targets"][r],
+                                             batch["weights"][r])
+  ordered = [windows[i] for i in sorted(windows)]
+  inputs = np.concatenate([x[w > 0] for x, _, w in ordered])
+  targets = np.concatenate([t[w > 0] for _, t, w in ordered])
+  np.testing.assert_array_equal(targets, tokens[1:])
+  np.testing.assert_array_equal(inputs, tokens[:-1])

@@ -1,6 +1,7 @@
 """Two CPU processes through jax.distributed run the same training as one process."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,3 +62,30 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   for step in a:
     assert a[step] == pytest.approx(b[step], rel=1e-5)
   assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "4")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  config = tmp_path / "long.py"
+  config.write_text(CONFIG.replace("c.train.num_steps, c.train.log_every, c.train.checkpoint_every"
+                                   " = 4, 1, 2", "c.train.num_steps, c.train.log_every, "
+                                   "c.train.checkpoint_every = 100_000, 1, 100_000"))
+  port = free_port()
+  workdir = tmp_path / "multi"
+  procs = [launch([f"--config={config}", f"--workdir={workdir}", "--multihost",
+                   f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                   f"--process_id={i}"], 1) for i in range(2)]
+  chief_lines = []
+  for line in procs[0].stdout:   # the chief prints progress; signal the other process
+    chief_lines.append(line)
+    if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 3:
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  outs = ["".join(chief_lines) + procs[0].communicate(timeout=300)[0],
+          procs[1].communicate(timeout=300)[0]]
+  for proc, out in zip(procs, outs):
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert len(saved) == 1 and saved[0] >= 3, (saved, outs[0][-2000:])
+  assert f"stopped by SIGTERM at step {saved[0]}" in outs[0]
+  assert max(losses(workdir)) == saved[0]

@@ -10,9 +10,11 @@ damaged ones aside (never deletes them).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -70,6 +72,24 @@ def _short_reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {text}"
 
 
+@contextlib.contextmanager
+def _quiet_closed_event_loops():
+  """orbax's async readers report a failed restore a second time, as
+  'Event loop is closed' errors raised in callbacks after their loop ended; the
+  failure itself is already reported, so these are dropped."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints under ``workdir/checkpoints``.
 
@@ -125,7 +145,8 @@ class Checkpointer:
     failures = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state, data_state = self.restore(step, abstract_state)
+        with _quiet_closed_event_loops():
+          state, data_state = self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, _short_reason(e)))
         say(f"checkpoint {self._step_dir(step)} failed to restore: {failures[-1][1]}")

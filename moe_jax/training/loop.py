@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Optional, Sequence
@@ -19,14 +18,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moe_jax import data as data_lib
 from moe_jax import sharding as sharding_lib
-from moe_jax.config_validation import ConfigError, validate_config
+from moe_jax.config_validation import validate_config
 from moe_jax.layers.transformer import TransformerLM
 from moe_jax.training import steps
 from moe_jax.training import workdir as workdir_lib
 from moe_jax.training.checkpointing import Checkpointer, abstract_with_sharding
-from moe_jax.training.config import config_to_dict, experiment_config
 from moe_jax.training.metric_logging import MetricLogger, format_progress
 from moe_jax.training.plots import plot_run
+from moe_jax.training.resume_check import record_config
 from moe_jax.training.preemption import StopSignals, StopVote, TrainingInterrupted
 
 
@@ -211,57 +210,6 @@ def _state_summary(router_state) -> dict:
   return stats
 
 
-# Changing these on resume would change what the saved data position means.
-NEVER_CHANGE_ON_RESUME = ("data.seq_len", "data.batch_size")
-
-
-def _state_changes(run: _Run, recorded_config: dict) -> list[str]:
-  """Leaves of the train state whose shape or dtype the recorded config gives otherwise."""
-  old = jax.tree_util.tree_flatten_with_path(run.state_shapes(experiment_config(recorded_config)))
-  new = jax.tree_util.tree_flatten_with_path(run.state_shapes(run.config))
-  old = {jax.tree_util.keystr(p): v for p, v in old[0]}
-  new = {jax.tree_util.keystr(p): v for p, v in new[0]}
-  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-
-
-def _record_config(run: _Run, workdir: str, resuming: bool,
-                   allow_change: Sequence[str]) -> dict:
-  """Writes the run's config to the workdir; on resume, first refuses any
-  difference from the recorded one that ``allow_change`` does not list."""
-  config = config_to_dict(run.config)
-  recorded = workdir_lib.read_record(workdir)
-  history = []
-  if resuming and recorded is None:
-    _say(f"{workdir} has checkpoints but no recorded config (an older moe_jax wrote it); "
-         "recording this one")
-  elif resuming:
-    changed = workdir_lib.check_resume(recorded, config, allow_change, NEVER_CHANGE_ON_RESUME,
-                                       path=os.path.join(workdir, workdir_lib.RECORD_NAME))
-    if changed:
-      try:
-        moved = _state_changes(run, recorded["config"])
-      except ConfigError as e:
-        raise workdir_lib.ConfigChanged(
-            f"the recorded config no longer builds ({e}); cannot check that the changes "
-            f"keep the saved state's shapes") from None
-      if moved:
-        fields = ", ".join(f for f, _, _ in changed)
-        raise workdir_lib.ConfigChanged(
-            f"changing {fields} on resume changes the saved train state ({len(moved)} "
-            f"leaves, e.g. {', '.join(moved[:3])}); such fields can never change on resume")
-    history = list(recorded.get("changes", []))
-    history += [{"field": f, "old": a, "new": b, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                for f, a, b in changed]
-    for field, old, new in changed:
-      _say(f"changed on resume: {field} {old} -> {new}")
-  record = workdir_lib.run_record(config, workdir_lib.versions())
-  if history:
-    record["changes"] = history
-  if jax.process_index() == 0:
-    workdir_lib.write_record(workdir, record)
-  return record
-
-
 def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int] = None,
                        strict_resume: bool = False,
                        allow_config_change: Sequence[str] = ()) -> RunSummary:
@@ -284,12 +232,12 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int
     note = lock.acquire()
     if note:
       _say(note)
-  checkpointer = logger = None
+  checkpointer = None
   try:
     with StopSignals(_say) as signals:
       checkpointer = Checkpointer(workdir, tcfg.keep_checkpoints)
-      record = _record_config(run, workdir, checkpointer.latest_step() is not None,
-                              allow_config_change)
+      record = record_config(run.config, run.state_shapes, workdir,
+                             checkpointer.latest_step() is not None, allow_config_change, _say)
       summary = _train(run, workdir, checkpointer, signals, stop_after_steps, strict_resume,
                        record)
   finally:

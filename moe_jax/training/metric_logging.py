@@ -17,11 +17,12 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
+
+from moe_jax.training.files import atomic_write
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -213,17 +214,7 @@ class MetricLogger:
     if not self.jsonl_path.exists():
       return
     kept = [r for r in read_jsonl(self.jsonl_path) if r["step"] <= step]
-    fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=JSONL_NAME + ".",
-                               suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.jsonl_path)
-    except BaseException:
-      pathlib.Path(tmp).unlink(missing_ok=True)
-      raise
+    atomic_write(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def flush(self) -> None:
     if self._jsonl is not None:

@@ -23,7 +23,7 @@ import math
 import os
 import pathlib
 import re
-import tempfile
+import io
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from moe_jax.training import metric_logging
+from moe_jax.training.files import atomic_write
 
 LOSS_PNG = "loss.png"
 EXPERT_LOAD_PNG = "expert_load.png"
@@ -241,17 +242,10 @@ def expert_load_figure(series: Mapping[int, Series],
 
 
 def _save_png(fig: Figure, out_png_path: str | os.PathLike[str]) -> str:
-  """Writes via a temporary file so a viewer never reads a half-written PNG."""
-  out = pathlib.Path(out_png_path)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=100)
-    os.replace(tmp, out)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  """Written atomically, so a viewer never reads a half-written PNG."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  atomic_write(out_png_path, buffer.getvalue())
   return str(out_png_path)
 
 

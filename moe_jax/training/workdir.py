@@ -34,9 +34,10 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
+
+from moe_jax.training.files import atomic_write
 
 LOCK_NAME = "run.lock"
 RECORD_NAME = "config.json"
@@ -305,21 +306,8 @@ def versions() -> dict:
 
 def write_record(workdir: str, record: dict) -> str:
   """Atomically writes `record` to <workdir>/config.json; returns the path."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, RECORD_NAME)
   text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{RECORD_NAME}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic_write(os.path.join(workdir, RECORD_NAME), text)
 
 
 def read_record(workdir: str) -> dict | None:
