@@ -38,6 +38,9 @@ DEFAULT_RULES = (
     ("norm", None),
 )
 
+# Every logical name the layers give a parameter or an activation.
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshShape(Checked):
@@ -100,15 +103,31 @@ def make_mesh(shape_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Me
 
 
 def rules_from(rules_cfg: Any) -> tuple[tuple[str, Any], ...]:
+  """The rules as tuples; raises ConfigError for a malformed rule, a logical name
+  the model does not use (a typo would silently leave its dimension unsharded)
+  or a mesh axis that does not exist or repeats within a rule."""
   if rules_cfg is None:
     return DEFAULT_RULES
+  if not isinstance(rules_cfg, (list, tuple)):
+    raise ConfigError(f"mesh.rules={rules_cfg!r}; allowed: a list of (logical name, mesh axes) "
+                      "pairs")
   out = []
-  for name, axes in rules_cfg:
+  for rule in rules_cfg:
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"mesh.rules: {rule!r} is not a rule; allowed: a pair (logical name, "
+                        "mesh axis or list of mesh axes or None)")
+    name, axes = rule
+    if name not in LOGICAL_AXES:
+      raise ConfigError(f"mesh.rules: logical name {name!r} is not used by the model; "
+                        f"allowed: {list(LOGICAL_AXES)}")
     axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
     for axis in (axes if isinstance(axes, tuple) else (axes,)):
       if axis is not None and axis not in MESH_AXES:
         raise ConfigError(f"mesh.rules: {name!r} maps to {axis!r}; allowed: {list(MESH_AXES)} "
                          "or None")
+    if isinstance(axes, tuple) and len(set(axes)) != len(axes):
+      raise ConfigError(f"mesh.rules: {name!r} maps to {list(axes)}; allowed: each mesh axis "
+                        "at most once")
     out.append((name, axes))
   return tuple(out)
 

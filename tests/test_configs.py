@@ -257,3 +257,134 @@ def test_a_new_router_is_one_module_and_a_config_file(tmp_path, monkeypatch):
   loads = [r["moe/layer_1/expert_load"] for r in records if "moe/layer_1/expert_load" in r]
   assert loads and all(load[0] == 1.0 and sum(load[1:]) == 0.0 for load in loads)
   assert "toy_router" in sys.modules
+
+
+def with_values(name="default", **values):
+  """Config ``name`` with each ``a__b__c=value`` set at a.b.c (in order)."""
+  config = load(name)
+  for path, value in values.items():
+    node = config
+    *parents, leaf = path.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def rules_with(**changes):
+  """The default rules with some logical names mapped elsewhere (same order)."""
+  from moe_jax.sharding import DEFAULT_RULES
+  return tuple((name, changes.get(name, axes)) for name, axes in DEFAULT_RULES)
+
+
+TENSOR2 = dict(mesh__shape__tensor=2)  # data=-1 takes the other 4 of 8 devices
+
+
+@pytest.mark.parametrize("path,value,message,others", [
+    ("optimizer.grad_clip_norm", -1, "optimizer.grad_clip_norm=-1.0; allowed: a number > 0", {}),
+    ("optimizer.b2", 1.5, "optimizer.b2=1.5; allowed: 0 <= b2 < 1", {}),
+    ("optimizer.warmup_steps", -5, "optimizer.warmup_steps=-5; allowed: an integer >= 0", {}),
+    ("model.num_heads", 0, "model.num_heads=0; allowed: an integer >= 1", {}),
+    ("model.d_model", 0, "model.d_model=0; allowed: an integer >= 1", {}),
+    ("data.batch_size", 0, "data.batch_size=0; allowed: an integer >= 1", {}),
+    ("mesh.shape.foo", 2, "mesh.shape.foo: unknown field", {}),
+    ("model.moe.router.routed_scaling_factor", 0.0,
+     "model.moe.router.routed_scaling_factor=0.0; allowed: a number > 0",
+     dict(model__moe__router=router("sigmoid_topk"))),
+    # mesh.rules: malformed, a logical name no array has, a mesh axis twice.
+    ("mesh.rules", (("heads",),), "mesh.rules: ('heads',) is not a rule", {}),
+    ("mesh.rules", rules_with() + (("head", "tensor"),),
+     "mesh.rules: logical name 'head' is not used by the model", {}),
+    ("mesh.rules", rules_with(mlp=("tensor", "tensor")),
+     "mesh.rules: 'mlp' maps to ['tensor', 'tensor']; allowed: each mesh axis at most once", {}),
+    # Every dimension the rules shard must divide by its mesh axes.
+    ("model.num_heads", 3, "model.num_heads=3 is not divisible by the tensor mesh axis "
+     "(mesh.shape.tensor=2) that mesh.rules shard its 'heads' dimension over; allowed: a "
+     "multiple of 2", TENSOR2),
+    ("model.d_ff", 65, "model.d_ff=65 is not divisible by the tensor mesh axis "
+     "(mesh.shape.tensor=2)", TENSOR2),
+    ("model.moe.d_expert", 33, "model.moe.d_expert=33 is not divisible by the tensor mesh axis "
+     "(mesh.shape.tensor=2)", TENSOR2),
+    ("model.vocab_size", 257, "model.vocab_size=257 is not divisible by the tensor mesh axis "
+     "(mesh.shape.tensor=2)", TENSOR2),
+    ("model.d_model", 33, "model.d_model=33 is not divisible by the fsdp mesh axis "
+     "(mesh.shape.fsdp=2)", dict(mesh__shape__fsdp=2)),
+    ("model.moe.d_shared", 33, "model.moe.num_shared_experts*model.moe.d_shared=33 is not "
+     "divisible by the tensor mesh axis (mesh.shape.tensor=2)",
+     dict(TENSOR2, model__moe__num_shared_experts=1)),
+    ("model.moe.num_experts", 6, "model.moe.num_experts=6 is not divisible by the expert mesh "
+     "axis (mesh.shape.expert=4)", dict(mesh__shape__expert=4)),
+    ("data.batch_size", 12, "data.batch_size=12 is not divisible by the data*fsdp*expert mesh "
+     "axes (mesh.shape.data=8, mesh.shape.fsdp=1, mesh.shape.expert=1)", {}),
+    # Rules other than the defaults: the checks follow config.mesh.rules.
+    ("data.seq_len", 15, "data.seq_len=15 is not divisible by the tensor mesh axis "
+     "(mesh.shape.tensor=2) that mesh.rules shard its 'activation_length' dimension",
+     dict(TENSOR2, mesh__rules=rules_with(activation_length="tensor"))),
+    ("model.head_dim", 6, "model.head_dim=6 is not divisible by the tensor mesh axis "
+     "(mesh.shape.tensor=4) that mesh.rules shard its 'kv' dimension",
+     dict(mesh__shape__tensor=4, mesh__rules=rules_with(heads=None, kv="tensor"))),
+    ("model.moe.num_experts", 6, "model.moe.num_experts=6 is not divisible by the tensor mesh "
+     "axis (mesh.shape.tensor=4) that mesh.rules shard its 'router' dimension",
+     dict(mesh__shape__tensor=4, model__num_heads=4, mesh__rules=rules_with(router="tensor"))),
+    ("model.d_ff", 66, "model.d_ff=66 is not divisible by the tensor*expert mesh axes "
+     "(mesh.shape.tensor=2, mesh.shape.expert=2) that mesh.rules shard its 'mlp' dimension "
+     "over; allowed: a multiple of 4",
+     dict(mesh__shape__expert=2, mesh__shape__tensor=2, mesh__rules=rules_with(
+         mlp=("tensor", "expert")))),
+])
+def test_bad_values_are_refused_by_field_on_eight_devices(path, value, message, others):
+  config = with_values(**others, **{path.replace(".", "__"): value})
+  with pytest.raises(ConfigError) as error:
+    validate_config(config, num_devices=8)
+  assert message in str(error.value)
+
+
+@pytest.mark.parametrize("values", [
+    # The rules are resolved per array as flax does: "embed" comes first in the
+    # rules, so in the attention weights it takes the tensor axis and heads stay whole.
+    dict(TENSOR2, model__num_heads=3, mesh__rules=rules_with(embed="tensor")),
+    # No array has an expert dimension (no MoE layer) or none is sharded.
+    dict(model__moe_every=0, model__moe__num_experts=6, mesh__shape__expert=4),
+    dict(model__moe__num_experts=6, mesh__shape__expert=4, mesh__rules=rules_with(expert=None)),
+    # Activation constraints inside the step may shard unevenly (jax pads them).
+    dict(mesh__shape__tensor=4, model__num_heads=4, model__head_dim=6,
+         mesh__rules=rules_with(heads=None, activation_heads=None, activation_kv="tensor")),
+    # "heads" comes before "kv" in the rules, so kv -> tensor leaves head_dim whole.
+    dict(mesh__shape__tensor=4, model__num_heads=4, model__head_dim=6,
+         mesh__rules=rules_with(kv="tensor")),
+])
+def test_dimensions_that_no_rule_shards_need_not_divide(values):
+  validate_config(with_values(**values), num_devices=8)
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    dict(model__tie_embeddings=False, model__moe_every=1, model__moe__num_shared_experts=2,
+         model__moe__router=router("noisy_topk")),
+    dict(model__moe__d_shared=72, model__moe__num_shared_experts=2,
+         model__moe__expert_kind="mlp", model__moe__router=router("sigmoid_topk")),
+    dict(model__moe__router=router("hash")),
+    dict(model__moe_every=0),
+])
+def test_sharded_dims_are_the_models_parameters(values):
+  # The table validate_config checks is every parameter the model makes, with its
+  # logical names and sizes.
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from moe_jax.config_validation import sharded_dims
+  from moe_jax.layers.transformer import TransformerLM
+  values = dict(model__d_model=24, model__num_heads=3, model__head_dim=8, model__d_ff=40,
+                model__moe__num_experts=4, model__moe__d_expert=56, **values)
+  cfg = experiment_config(with_values(**values))
+  model = TransformerLM(cfg.model)
+  boxed = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                            jnp.zeros((1, 8), jnp.int32)))
+  params = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(p, nn.Partitioned) for p in params)
+  made = set()
+  for p in params:
+    named = [(n, s) for n, s in zip(p.names, p.value.shape) if n is not None]
+    made.add((tuple(n for n, _ in named), tuple(s for _, s in named)))
+  table = {(names, tuple(size for _, size in dims)) for names, dims in sharded_dims(cfg)
+           if not names[0].startswith("activation_")}
+  assert made == table

@@ -49,6 +49,8 @@ class SigmoidTopkConfig(base.TokenChoiceConfig):
     require(self.top_k <= reachable, "top_k", self.top_k,
             f"at most the {reachable} experts a token can reach (topk_groups="
             f"{self.topk_groups} groups of {self.num_experts // self.num_groups})")
+    require(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor,
+            "a number > 0 (it scales every gate)")
 
 
 def update_bias(bias: jax.Array, load_fraction: jax.Array,
