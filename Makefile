@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Each `make demo` trains in a fresh directory of its own under runs/ (nothing is
 # ever deleted); pass WORKDIR=<dir> to resume or continue a run there.
-WORKDIR ?= $(shell mkdir -p runs && mktemp -d runs/demo-$$(date +%Y%m%d-%H%M%S)-XXXX)
+WORKDIR ?= $(shell mkdir -p runs && d=$$(mktemp -d runs/demo-$$(date +%Y%m%d-%H%M%S)-XXXX) && chmod 755 $$d && echo $$d)
 # pytest-xdist workers for `make test` (CI has 2 cores; the suite is CPU-bound,
 # so more workers than cores gain nothing). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2

@@ -396,8 +396,9 @@ def make_eval_batches(
   Windows of seq_len + 1 tokens start every seq_len tokens, so each held-out
   byte after the first is a target at most once. With `max_batches` <= 0 every
   one of them is: the tail is padded with zero tokens of weight 0 to fill the
-  last window and the last batch. Otherwise only full windows and full batches
-  are used, at most `max_batches`; when the split has fewer windows than one
+  last window and the last batch. Otherwise `max_batches` full batches of
+  windows spread evenly over the split (so that a partial evaluation samples
+  all of it, not its first files); when the split has fewer windows than one
   global batch, windows are repeated cyclically to fill a single batch (the
   mean loss then weights some windows more; fine for a tiny held-out set).
   With shard_count H > 1, host h takes windows h, h + H, ... of each global
@@ -410,7 +411,8 @@ def make_eval_batches(
       "raise data.heldout_permille or add data (data.path)")
   global_batch = batch_size * shard_count
   num_batches = min(max(1, n // global_batch), max_batches)
-  idx = np.arange(num_batches * global_batch) % n
+  count = num_batches * global_batch
+  idx = np.arange(count) % n if count >= n else np.arange(count) * n // count
   idx = idx.reshape(num_batches, batch_size, shard_count)[:, :, shard_index]
   starts = idx * seq_len
   windows = tokens[starts[..., None] + np.arange(seq_len + 1)].astype(np.int32)

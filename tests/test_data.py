@@ -312,3 +312,12 @@ def test_eval_batches_zero_cover_every_heldout_target_once(shards):
   targets = np.concatenate([t[w > 0] for _, t, w in ordered])
   np.testing.assert_array_equal(targets, tokens[1:])
   np.testing.assert_array_equal(inputs, tokens[:-1])
+
+
+def test_partial_eval_samples_the_whole_split():
+  tokens = _tokens(100 * SEQ_LEN + 1)
+  (batch,) = data.make_eval_batches(tokens, SEQ_LEN, 4, max_batches=1)
+  starts = [int(np.flatnonzero(np.all(
+      np.lib.stride_tricks.sliding_window_view(tokens, SEQ_LEN) == row, axis=1))[0])
+            for row in batch["inputs"]]
+  assert starts == [0, 25 * SEQ_LEN, 50 * SEQ_LEN, 75 * SEQ_LEN]
