@@ -34,7 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from moe_jax.config_fields import Checked, require
+from moe_jax.config_fields import Checked, ConfigError, require
 
 VOCAB_SIZE = 256
 SEPARATOR = b"\n\n"
@@ -231,7 +231,7 @@ def _gather(path: str, max_bytes: int) -> tuple[list[tuple[str, bytes]], str, bo
   if p.is_file():
     files = _collect(p.parent, [p.name], max_bytes)
     if not files:
-      raise ValueError(
+      raise ConfigError(
           f"data.path={path!r}: the file is empty, not UTF-8 text, or contains "
           "NUL bytes; expected a UTF-8 text file or a directory of them.")
     return files, f"file {p}", True
@@ -239,11 +239,11 @@ def _gather(path: str, max_bytes: int) -> tuple[list[tuple[str, bytes]], str, bo
     rels = _user_rel_paths(p)
     files = _collect(p, rels, max_bytes)
     if not files:
-      raise ValueError(
+      raise ConfigError(
           f"data.path={path!r}: found {len(rels)} files under the directory and "
           "none is non-empty UTF-8 text without NUL bytes.")
     return files, f"directory {p}", False
-  raise ValueError(
+  raise ConfigError(
       f"data.path={path!r} does not exist (expected a UTF-8 text file, a "
       "directory of them, or '' for the built-in stdlib corpus).")
 
@@ -275,14 +275,14 @@ def load_corpus(data_cfg: Any, seq_len: int | None = None) -> Corpus:
   max_bytes = int(_field(data_cfg, "max_bytes", 0) or 0)
   heldout_permille = int(_field(data_cfg, "heldout_permille", 50))
   if not 0 < heldout_permille < 1000:
-    raise ValueError(
+    raise ConfigError(
         f"data.heldout_permille={heldout_permille} must be in [1, 999].")
   files, source, single_file = _gather(path, max_bytes)
   total = sum(len(d) for _, d in files)
   min_bytes = (seq_len + 1) if seq_len else 1  # Needed by each split.
   needed = 2 * min_bytes
   if total < needed:
-    raise ValueError(
+    raise ConfigError(
         f"data.path={path!r}: corpus too small, found {len(files)} files with "
         f"{total} bytes in total; need at least {needed} bytes (a window of "
         f"{min_bytes} bytes = seq_len + 1 for each split; see data.max_bytes).")
@@ -330,7 +330,7 @@ def _split_windows(tokens, seq_len: int, shard_index: int, shard_count: int, spl
   tokens = np.asarray(tokens, dtype=np.uint8)
   n = _num_windows(tokens.size, seq_len)
   if n < 1:
-    raise ValueError(f"{split} split has {tokens.size} tokens, fewer than seq_len + 1 = "
+    raise ConfigError(f"{split} split has {tokens.size} tokens, fewer than seq_len + 1 = "
                      f"{seq_len + 1}; {advice}.")
   return tokens, n
 

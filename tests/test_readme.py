@@ -13,3 +13,12 @@ def test_readme_python_example_runs():
     exec(compile(block, str(README), "exec"), scope)  # pylint: disable=exec-used
     assert scope["y"].shape == scope["x"].shape
     assert set(scope["state"]["moe"]) == {"aux_loss", "metrics"}
+
+
+def test_readme_names_only_flags_that_exist():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import experiments.train  # pylint: disable=g-import-not-at-top,unused-import
+  named = set(re.findall(r"`[^`\n]*?--([a-z_]+)", README.read_text()))
+  named -= {"config"}      # --config.<path> overrides
+  known = set(flags.FLAGS)
+  assert named and named <= known, sorted(named - known)
