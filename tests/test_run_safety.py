@@ -223,3 +223,18 @@ def test_make_demo_never_deletes_and_trains_in_a_fresh_directory():
     os.rmdir(path)
   assert "rm " not in dry
   assert len(created) == 1 and f"--workdir=runs/{os.path.basename(created.pop())}" in dry
+
+
+def test_a_run_recorded_before_a_field_existed_resumes(tmp_path, finished_run):
+  workdir = copy_run(finished_run, tmp_path)
+  record = workdir_lib.read_record(workdir)
+  del record["config"]["train"]["final_eval_batches"]        # a field added since
+  record["config"]["train"]["old_knob"] = 3                    # a field removed since
+  workdir_lib.write_record(workdir, record)
+  with pytest.raises(workdir_lib.ConfigChanged, match=r"train\.old_knob") as refused:
+    loop.train_and_evaluate(tiny_config(steps=6), workdir, stop_after_steps=0)
+  assert "final_eval_batches" not in str(refused.value)
+  del record["config"]["train"]["old_knob"]
+  workdir_lib.write_record(workdir, record)
+  summary = loop.train_and_evaluate(tiny_config(steps=6), workdir, stop_after_steps=0)
+  assert summary.final_step == 6

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from moe_jax import routers
 from moe_jax.config_fields import ConfigError
 from moe_jax.training import workdir as workdir_lib
 from moe_jax.training.config import config_to_dict, experiment_config
@@ -33,6 +34,27 @@ def _state_changes(state_shapes: Callable[[Any], Any], config: Any,
   return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
+def _merged(defaults: dict, values: dict) -> dict:
+  out = dict(defaults)
+  for key, value in values.items():
+    both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+    out[key] = _merged(defaults[key], value) if both_dicts else value
+  return out
+
+
+def _with_new_defaults(recorded: dict) -> dict:
+  """The record with fields added to moe_jax since it was written filled in at
+  their defaults, so that a newer moe_jax resumes an older run. Fields since
+  removed stay, for check_resume to report."""
+  router = recorded["config"].get("model", {}).get("moe", {}).get("router", {})
+  try:
+    defaults = config_to_dict(experiment_config(
+        {"model": {"moe": {"router": {"name": router.get("name", routers.DEFAULT)}}}}))
+  except ConfigError:
+    return recorded
+  return {**recorded, "config": _merged(defaults, recorded["config"])}
+
+
 def record_config(config: Any, state_shapes: Callable[[Any], Any], workdir: str,
                   resuming: bool, allow_change: Sequence[str],
                   say: Callable[[str], None] = print) -> dict:
@@ -45,6 +67,7 @@ def record_config(config: Any, state_shapes: Callable[[Any], Any], workdir: str,
     say(f"{workdir} has checkpoints but no recorded config (an older moe_jax wrote it); "
         "recording this one")
   elif resuming:
+    recorded = _with_new_defaults(recorded)
     changed = workdir_lib.check_resume(recorded, values, allow_change, NEVER_CHANGE_ON_RESUME,
                                        path=os.path.join(workdir, workdir_lib.RECORD_NAME))
     if changed:
