@@ -216,7 +216,7 @@ def test_a_bad_value_is_one_line_and_status_2(tmp_path):
 
 def test_make_demo_never_deletes_and_trains_in_a_fresh_directory():
   runs_before = set(glob.glob(os.path.join(REPO, "runs", "demo-*")))
-  dry = subprocess.run(["make", "-n", "demo", "STAMP=Makefile"], cwd=REPO, capture_output=True,
+  dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "demo"], cwd=REPO, capture_output=True,
                        text=True, timeout=60, check=True).stdout
   created = set(glob.glob(os.path.join(REPO, "runs", "demo-*"))) - runs_before
   for path in created:     # the dry run's mktemp made it; it is empty
