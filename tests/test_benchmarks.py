@@ -208,3 +208,14 @@ def test_moe_layer_benchmark_trace(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "router logits precision bfloat16" in out.stdout.splitlines()[0], out.stdout[:500]
   assert "device time per step" in out.stdout, out.stdout[-2000:]
+
+
+def test_embedding_benchmark_smoke():
+  out = _run("benchmarks.embedding", "--preset=smoke", "--iters=1", "--reps=1", timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {(r[0], r[1], r[2]): float(r[-1]) for r in map(str.split, out.stdout.splitlines())
+          if len(r) == 6 and r[0].isdigit()}
+  expected = {(vocab, method, mode) for vocab, auto in (("256", "matmul"), ("2048", "segment_sum"))
+              for method in ("matmul", "segment_sum", f"auto={auto}") for mode in ("bwd", "fwdbwd")}
+  assert set(rows) == expected, out.stdout[-3000:]
+  assert all(ratio > 0 for ratio in rows.values())
