@@ -198,6 +198,7 @@ def attend(name: str, q: jax.Array, k: jax.Array, v: jax.Array, *,
                  split=split_dims(rules, sizes))
   if not impl.per_device or math.prod(sizes.values()) <= 1:
     return impl.fn(q, k, v)
-  spec = nn.logical_to_mesh_axes(QKV_AXES, rules)
+  # Without rules q/k/v are not split: each device runs the whole attention.
+  spec = nn.logical_to_mesh_axes(QKV_AXES, rules) if rules else jax.sharding.PartitionSpec()
   # check_vma=False: a pallas_call's outputs carry no varying-axes type to check.
   return jax.shard_map(impl.fn, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
