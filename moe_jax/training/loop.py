@@ -18,8 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moe_jax import data as data_lib
 from moe_jax import sharding as sharding_lib
-from moe_jax.config_validation import validate_config
+from moe_jax.config_validation import attention_for, validate_config
 from moe_jax.layers.transformer import TransformerLM
+from moe_jax.ops import device
 from moe_jax.training import steps
 from moe_jax.training import workdir as workdir_lib
 from moe_jax.training.checkpointing import Checkpointer, abstract_with_sharding
@@ -54,8 +55,11 @@ class _Run:
 
   def __init__(self, config: Any, workdir: str, devices=None):
     devices = list(jax.devices() if devices is None else devices)
-    config = validate_config(config, len(devices))
+    where = dict(platform=devices[0].platform,
+                 compute_capability=device.compute_capability(devices[0]))
+    config = validate_config(config, len(devices), **where)
     self.config = config
+    self.attention = attention_for(config, len(devices), **where).name
     self.workdir = workdir
     self.corpus = data_lib.load_corpus(config.data)
     self.mesh = sharding_lib.make_mesh(config.mesh.shape, devices)
@@ -313,7 +317,7 @@ def _train_steps(run: _Run, state, iterator, start: int, end: int, checkpointer:
     return state, None
   base_rng = jax.random.key(run.config.seed + 1)
   first_batch = run.global_batch(next(iterator))
-  _say("compiling the train step...")
+  _say(f"compiling the train step (attention: {run.attention})...")
   began = time.perf_counter()
   with run.context():
     train_step = run.train_step.lower(state, first_batch, base_rng).compile()
