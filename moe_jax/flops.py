@@ -99,8 +99,15 @@ class FlopCount:
     return (self.total - self.attention_scores) / 6
 
   def describe(self) -> str:
-    return (f"{self.total / 1e9:.3g} GFLOP per token trained (6 x {self.active_params / 1e6:.4g}M "
+    return (f"{_si(self.total)}FLOP per token trained (6 x {self.active_params / 1e6:.4g}M "
             f"active weights + attention {self.attention_scores / self.total:.0%})")
+
+
+def _si(value: float) -> str:
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if value >= scale:
+      return f"{value / scale:.3g} {prefix}"
+  return f"{value:.3g} "
 
 
 def active_experts_per_token(moe: MoeConfig, num_tokens: int) -> float:
