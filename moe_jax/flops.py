@@ -167,6 +167,19 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, *, batch_size: int = 1
   )
 
 
+def dense_equivalent(cfg: ModelConfig, num_tokens: int) -> ModelConfig:
+  """``cfg`` with every feed-forward block dense (``moe_every=0``, the experts'
+  kind) and as wide as what a token activates in a MoE layer: ``d_ff = k *
+  d_expert + num_shared_experts * d_shared`` (k from ``active_experts_per_token``
+  for ``num_tokens`` routed together, the width rounded). Its FLOPs per token are
+  the MoE model's less the router's when every layer is MoE; with ``moe_every > 1``
+  the dense layers take that width too."""
+  moe = cfg.moe
+  k = active_experts_per_token(moe, num_tokens)
+  width = round(k * moe.d_expert) + moe.num_shared_experts * (moe.d_shared or moe.d_expert)
+  return dataclasses.replace(cfg, moe_every=0, d_ff=width, ffn_kind=moe.expert_kind)
+
+
 def throughput(tokens_per_sec: float, flops_per_token: float, num_devices: int,
                peak: Optional[float]) -> dict[str, float]:
   """``perf/model_tflops_per_sec`` (all devices together) and, when the device's

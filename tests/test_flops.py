@@ -140,3 +140,20 @@ def test_peaks_and_mfu():
   assert perf == pytest.approx({"perf/model_tflops_per_sec": 2000.0, "perf/mfu": 1.0})
   assert flops.throughput(1e6, 2e9, num_devices=4, peak=None) == {
       "perf/model_tflops_per_sec": 2000.0}
+
+
+@pytest.mark.parametrize("router, shared, width", [
+    (dict(name="topk", top_k=2), 2, 2 * 24 + 2 * 16),
+    (dict(name="hash"), 0, 24),
+    # 4 experts take C = round(100 * 1.3 / 4) = 33 of 100 tokens each: k = 1.32
+    (dict(name="expert_choice", expert_capacity_factor=1.3), 0, round(1.32 * 24)),
+])
+def test_dense_equivalent_has_the_moe_flops_less_the_router(router, shared, width):
+  cfg = moe_model(router, expert_kind="mlp", shared=shared)
+  dense = flops.dense_equivalent(cfg, num_tokens=100)
+  assert (dense.moe_every, dense.d_ff, dense.ffn_kind) == (0, width, "mlp")
+  moe_count = flops.model_flops_per_token(cfg, 25, batch_size=4)
+  dense_count = flops.model_flops_per_token(dense, 25, batch_size=4)
+  if router["name"] != "expert_choice":   # there k * d_expert is rounded to a whole width
+    assert dense_count.total == moe_count.total - moe_count.router
+  assert dense_count.attention_scores == moe_count.attention_scores
