@@ -288,9 +288,9 @@ def _train(run: _Run, workdir: str, checkpointer: Checkpointer, signals: StopSig
   device_kind = jax.devices()[0].device_kind
   peak = flops_lib.peak_tflops(device_kind)
   _say(f"model: {num_params / 1e6:.2f}M parameters; {flop_count.describe()}; devices: "
-       f"{jax.device_count()} ({jax.default_backend()}, {device_kind}, "
-       + (f"peak {peak:g} bf16 TFLOP/s each" if peak else "peak unknown: no MFU")
-       + f"); mesh {dict(run.mesh.shape)}")
+       f"{jax.device_count()} ({jax.default_backend()}); mesh {dict(run.mesh.shape)}; "
+       + (f"{device_kind}: peak {peak:g} bf16 TFLOP/s a device" if peak else
+          f"{device_kind}: bf16 peak unknown (no MFU)"))
   perf = functools.partial(flops_lib.throughput, flops_per_token=flop_count.total,
                            num_devices=jax.device_count(), peak=peak)
 
