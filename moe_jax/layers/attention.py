@@ -72,7 +72,6 @@ def _cudnn(q, k, v):
 
 
 def _cudnn_why_not(platform, dtype, head_dim, seq_len, *, compute_capability=0.0, split=()):
-  del seq_len   # no limit without a bias (jax checks even lengths only with one)
   if platform != "gpu":
     return f"cuDNN flash attention runs on NVIDIA GPUs, this platform is {platform!r}"
   if compute_capability < 8.0:
@@ -85,6 +84,10 @@ def _cudnn_why_not(platform, dtype, head_dim, seq_len, *, compute_capability=0.0
   if head_dim % 8 or head_dim > max_dim:
     return (f"cuDNN flash attention takes model.head_dim a multiple of 8 and <= {max_dim} "
             f"on compute capability {compute_capability}, got {head_dim}")
+  if seq_len % 2:
+    # jax 0.11.2 on an H200 refused a causal training call at L=777 ("Unsupported
+    # sequence length"): its causal path counts as one with a bias there.
+    return f"cuDNN flash attention trains on even sequence lengths only, got {seq_len}"
   if split:
     return (f"cuDNN's partitioner shards q/k/v over batch and heads only; mesh.rules split "
             f"their {' and '.join(split)} across devices")
