@@ -25,10 +25,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal
 
-# The kernels on a GPU against float64 references (needs jax with CUDA in $(VENV),
-# e.g. `$(PY) -m pip install -e '.[cuda,test]'`); TILE_VARIANTS=name,... adds variants.
+# The kernels and the embedding gradients on a GPU against float64 references, and
+# cuDNN attention against XLA (needs jax with CUDA in $(VENV), e.g.
+# `$(PY) -m pip install -e '.[cuda,test]'`); TILE_VARIANTS=name,... adds variants.
 test-gpu: $(STAMP)
-	$(PY) -m pytest -m gpu tests/test_gpu_kernels.py --tile-variants='$(TILE_VARIANTS)'
+	$(PY) -m pytest -m gpu tests/test_gpu_kernels.py tests/test_embedding.py tests/test_attention.py \
+	  --tile-variants='$(TILE_VARIANTS)'
 
 clean:
 	rm -rf $(VENV)

@@ -22,7 +22,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dispatch, routers
+from moe_jax import dispatch, profiling, routers
 from moe_jax.layers.experts import Experts
 from moe_jax.layers.moe import MoeConfig, MoeLayer
 from moe_jax.ops import registry
@@ -102,7 +102,6 @@ def layer_time(shape: Shape, impl: str, dispatcher: str, dtype, iters: int) -> f
 
 def trace_layer(shape: Shape, impl: str, dispatcher: str, dtype, trace_dir: str) -> None:
   """Records a profiler trace of three layer steps and prints its top device kernels."""
-  from tools import trace_summary  # pylint: disable=g-import-not-at-top
   fn, args = layer_step(shape, impl, dispatcher, dtype)
   jax.block_until_ready(fn(*args))
   run_dir = os.path.join(trace_dir, f"{shape.name}-{impl}-{dispatcher}-"
@@ -110,9 +109,9 @@ def trace_layer(shape: Shape, impl: str, dispatcher: str, dtype, trace_dir: str)
   with jax.profiler.trace(run_dir, create_perfetto_trace=True):
     for _ in range(3):
       jax.block_until_ready(fn(*args))
-  for path in trace_summary.find_traces(run_dir):
+  for path in profiling.find_traces(run_dir):
     print(f"trace {path} (3 steps):")
-    trace_summary.print_summary(trace_summary.kernel_times(path), steps=3)
+    profiling.print_summary(profiling.kernel_times(path), steps=3)
 
 
 def experts_only_time(shape: Shape, impl: str, dtype, iters: int) -> float:

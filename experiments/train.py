@@ -8,6 +8,8 @@ Reusing a --workdir resumes the run from its latest checkpoint; the config must
 match the one recorded in <workdir>/config.json except in the fields listed by
 --allow_config_change. SIGTERM or Ctrl-C save a checkpoint at the step in
 flight and exit with 128 + the signal's number; a second one exits at once.
+--profile_steps=A:B writes a profiler trace of steps A to B-1 to <workdir>/profile
+and prints their top device kernels.
 On several hosts, start the same command on each with --multihost; on TPU pods
 and SLURM jax finds its peers itself, elsewhere pass --coordinator_address (or
 set JAX_COORDINATOR_ADDRESS), --num_processes and --process_id.
@@ -36,6 +38,9 @@ _ALLOW_CHANGE = flags.DEFINE_list(
 _STRICT_RESUME = flags.DEFINE_bool(
     "strict_resume", False, "Fail when the latest checkpoint does not restore, instead of "
     "setting it aside and resuming from the previous one.")
+_PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps", None, "A:B traces steps A to B-1 (counted from 0) with jax.profiler into "
+    "<workdir>/profile (a perfetto trace) and prints their top device kernels.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() before anything else.")
@@ -43,6 +48,25 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (multihost; auto-detected if unset).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multihost).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multihost).")
+
+
+def _parse_profile_steps(text):
+  """(A, B) from "A:B"; a malformed value stops the program at flag parsing."""
+  if text is None:
+    return None
+  from moe_jax.profiling import parse_steps  # pylint: disable=g-import-not-at-top
+  try:
+    return parse_steps(text)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+
+
+def _check_profile_steps(text) -> bool:
+  _parse_profile_steps(text)
+  return True
+
+
+flags.register_validator(_PROFILE_STEPS, _check_profile_steps)
 
 
 def _quiet_libraries() -> None:
@@ -77,7 +101,8 @@ def main(argv):
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_after_steps=_STOP_AFTER.value,
                        strict_resume=_STRICT_RESUME.value,
-                       allow_config_change=_ALLOW_CHANGE.value)
+                       allow_config_change=_ALLOW_CHANGE.value,
+                       profile_steps=_parse_profile_steps(_PROFILE_STEPS.value))
   except Exception as e:  # pylint: disable=broad-except
     status = _exit_status(e)
     if status == 0 or _VERBOSE.value:

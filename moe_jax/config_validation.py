@@ -2,23 +2,26 @@
 
 Each section checks its own fields when it is built (``moe_jax.config_fields``);
 what is left here is what spans sections or needs the devices: sequence length
-against the model's, and the mesh against the device count and every dimension
-that the logical-axis rules shard (``sharded_dims``). Every error names the
-field and the values it may take.
+against the model's, the mesh against the device count and every dimension
+that the logical-axis rules shard (``sharded_dims``), and the attention
+implementation against the platform, dtype, shapes and mesh (``attention_for``).
+Every error names the field and the values it may take.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 
 from moe_jax import routers
 from moe_jax.config_fields import ConfigError
+from moe_jax.layers import attention
 from moe_jax.sharding import MESH_AXES, mesh_shape, rules_from
 from moe_jax.training.config import ExperimentConfig, experiment_config
 
-__all__ = ["ConfigError", "sharded_dims", "validate_config"]
+__all__ = ["ConfigError", "attention_for", "sharded_dims", "validate_config"]
 
 
 def _require(ok: bool, message: str) -> None:
@@ -87,12 +90,31 @@ def _check_divisible(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
                f"its {name!r} dimension over; allowed: a multiple of {shards}")
 
 
-def validate_config(config: Any, num_devices: int) -> ExperimentConfig:
-  """The checked, typed config; raises ConfigError naming the first bad field."""
+def attention_for(cfg: ExperimentConfig, num_devices: int, platform: Optional[str] = None,
+                  compute_capability: Optional[float] = None) -> attention.AttentionImpl:
+  """The attention implementation ``model.attention_impl`` takes on ``platform``
+  (default: jax's default backend) for the model's dtype and shapes and the mesh;
+  raises ConfigError if the one it names cannot run there."""
+  model = cfg.model
+  sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh.shape, num_devices)))
+  return attention.resolve(
+      model.attention_impl, platform or jax.default_backend(), model.activation_dtype,
+      model.head_dim, cfg.data.seq_len, compute_capability=compute_capability,
+      split=attention.split_dims(rules_from(cfg.mesh.rules), sizes))
+
+
+def validate_config(config: Any, num_devices: int, platform: Optional[str] = None,
+                    compute_capability: Optional[float] = None) -> ExperimentConfig:
+  """The checked, typed config; raises ConfigError naming the first bad field.
+
+  ``platform`` and ``compute_capability`` (default: the default device's) are
+  where it will run, for the attention check.
+  """
   cfg = experiment_config(config)
   model, data = cfg.model, cfg.data
   _require(data.seq_len <= model.max_len,
            f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}; "
            "allowed: 1 <= seq_len <= max_len")
   _check_divisible(cfg, dict(zip(MESH_AXES, mesh_shape(cfg.mesh.shape, num_devices))))
+  attention_for(cfg, num_devices, platform, compute_capability)
   return cfg

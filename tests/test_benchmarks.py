@@ -208,3 +208,29 @@ def test_moe_layer_benchmark_trace(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "router logits precision bfloat16" in out.stdout.splitlines()[0], out.stdout[:500]
   assert "device time per step" in out.stdout, out.stdout[-2000:]
+
+
+def test_embedding_benchmark_smoke():
+  out = _run("benchmarks.embedding", "--preset=smoke", "--iters=1", "--reps=1", timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {(r[0], r[1], r[2]): float(r[-1]) for r in map(str.split, out.stdout.splitlines())
+          if len(r) == 6 and r[0].isdigit()}
+  expected = {(vocab, method, mode) for vocab, auto in (("256", "matmul"), ("2048", "segment_sum"))
+              for method in ("matmul", "segment_sum", f"auto={auto}") for mode in ("bwd", "fwdbwd")}
+  assert set(rows) == expected, out.stdout[-3000:]
+  assert all(ratio > 0 for ratio in rows.values())
+
+
+def test_train_step_benchmark_smoke():
+  out = _run("benchmarks.train_step", "--smoke", timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert "(peak unknown: no MFU)" in lines[0] and "median of 3 steps" in lines[0], lines[0]
+  assert "dense equivalent: moe_every=0, ffn_kind=swiglu, d_ff=96" in lines[1], lines[1]
+  rows = {l.split()[0]: l.split() for l in lines if l.split()[:1] in (["moe"], ["dense"])}
+  assert sorted(rows) == ["dense", "moe"], out.stdout
+  for row in rows.values():   # GFLOP/tok, tokens/s, step ms, TFLOP/s, MFU, mem GiB, compile s
+    assert len(row) == 8 and row[5] == "--", row
+    assert all(float(v) > 0 for v in row[1:5] + row[6:]), row
+  ratio = float(lines[-1].removeprefix("ratio moe/dense tokens/s: "))
+  assert ratio == pytest.approx(float(rows["moe"][2]) / float(rows["dense"][2]), rel=1e-2)

@@ -124,6 +124,31 @@ def test_format_progress():
       1, 10, 1.0, 2.5e6, 3700.0)
 
 
+def test_format_progress_shows_mfu_or_else_tflops():
+  line = metric_logging.format_progress(120, 600, 2.31454, 41_234.0, 192.0,
+                                        model_tflops=306.6, mfu=0.31)
+  assert line == "step   120/600 | loss 2.3145 | 41.2k tok/s | MFU 31% | ETA 3m12s"
+  assert "| MFU 4.2% |" in metric_logging.format_progress(1, 10, 1.0, 1.0, 1.0,
+                                                          model_tflops=1.0, mfu=0.0421)
+  line = metric_logging.format_progress(1, 10, 1.0, 1.0, 1.0, model_tflops=12.34)
+  assert "| 12.3 TFLOP/s |" in line and "MFU" not in line
+
+
+def test_log_adds_the_rate_metrics_next_to_tokens_per_sec(tmp_path):
+  now = [0.0]
+  with metric_logging.MetricLogger(
+      tmp_path, 100, 512, rate_metrics=lambda tps: {"perf/model_tflops_per_sec": tps / 1e3}
+  ) as logger:
+    logger.timer = metric_logging.StepTimer(100, 512, clock=lambda: now[0])
+    logger.log(10, {"loss": 1.0})
+    now[0] = 5.0
+    logger.log(20, {"loss": 1.0})
+  first, second = _read_lines(tmp_path / "metrics.jsonl")
+  assert "perf/model_tflops_per_sec" not in first    # no rate yet
+  assert second["perf/tokens_per_sec"] == pytest.approx(1024.0)
+  assert second["perf/model_tflops_per_sec"] == pytest.approx(1.024)
+
+
 def test_step_timer_uses_latest_interval():
   now = [0.0]
   timer = metric_logging.StepTimer(100, 1000, clock=lambda: now[0])

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config_fields import Checked, one_of, require
+from moe_jax.layers import attention, embedding
 from moe_jax.layers.experts import EXPERT_KINDS, DenseMlp
 from moe_jax.layers.moe import MoeConfig, MoeLayer
 
@@ -35,6 +36,11 @@ class ModelConfig(Checked):
   rope_base: float = 10000.0
   tie_embeddings: bool = True
   dtype: str = "float32"            # activation dtype; parameters stay float32
+  # How the embedding lookup's gradient is computed (moe_jax.layers.embedding):
+  # "auto" (one-hot matmul for small vocabularies, else sorted segment sum),
+  # "matmul", "segment_sum", or "scatter" (plain autodiff).
+  embedding_grad: str = "auto"
+  attention_impl: str = "auto"      # moe_jax.layers.attention: auto, cudnn, pallas_tpu, xla
   moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
   def validate(self) -> None:
@@ -48,6 +54,10 @@ class ModelConfig(Checked):
     require(self.moe_every >= 0, "moe_every", self.moe_every, ">= 0 (0 = dense)")
     require(self.rope_base > 0, "rope_base", self.rope_base, "a number > 0")
     one_of("dtype", self.dtype, sorted(DTYPES))
+    one_of("embedding_grad", self.embedding_grad, embedding.METHODS)
+    # Whether it runs on this platform, dtype and shape is checked where devices are
+    # known (moe_jax.config_validation, and the layer at trace time).
+    one_of("attention_impl", self.attention_impl, attention.known())
 
   @property
   def activation_dtype(self):
@@ -98,9 +108,8 @@ class CausalSelfAttention(nn.Module):
     q, k, v = (jnp.einsum("bld,dhk->blhk", x, weight(n, (d, h, hd), ("embed", "heads", "kv"), d))
                for n in ("query", "key", "value"))
     q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
-    axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-    q, k, v = (nn.with_logical_constraint(t, axes) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (nn.with_logical_constraint(t, attention.QKV_AXES) for t in (q, k, v))
+    out = attention.attend(cfg.attention_impl, q, k, v)
     return jnp.einsum("blhk,hkd->bld", out, weight("out", (h, hd, d), ("heads", "kv", "embed"),
                                                    h * hd))
 
@@ -133,11 +142,11 @@ class TransformerLM(nn.Module):
                train: bool = False) -> jax.Array:
     """tokens int32 [B, L] -> logits float32 [B, L, vocab]."""
     cfg = self.cfg
-    embed = nn.Embed(
+    embed = embedding.Embed(
         cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype, param_dtype=jnp.float32,
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-        name="embed")
+        grad_method=cfg.embedding_grad, name="embed")
     x = embed(tokens)
     x = nn.with_logical_constraint(
         x, ("activation_batch", "activation_length", "activation_embed"))

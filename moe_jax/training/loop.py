@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import time
 from typing import Any, Optional, Sequence
@@ -17,9 +18,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moe_jax import data as data_lib
+from moe_jax import flops as flops_lib
+from moe_jax import profiling
 from moe_jax import sharding as sharding_lib
-from moe_jax.config_validation import validate_config
+from moe_jax.config_fields import ConfigError
+from moe_jax.config_validation import attention_for, validate_config
 from moe_jax.layers.transformer import TransformerLM
+from moe_jax.ops import device
 from moe_jax.training import steps
 from moe_jax.training import workdir as workdir_lib
 from moe_jax.training.checkpointing import Checkpointer, abstract_with_sharding
@@ -52,12 +57,16 @@ def _say(message: str) -> None:
 class _Run:
   """Everything built from the config once, before the first step."""
 
-  def __init__(self, config: Any, workdir: str, devices=None):
+  def __init__(self, config: Any, workdir: str, devices=None, load_data: bool = True):
     devices = list(jax.devices() if devices is None else devices)
-    config = validate_config(config, len(devices))
+    where = dict(platform=devices[0].platform,
+                 compute_capability=device.compute_capability(devices[0]))
+    config = validate_config(config, len(devices), **where)
     self.config = config
+    self.attention = attention_for(config, len(devices), **where).name
     self.workdir = workdir
-    self.corpus = data_lib.load_corpus(config.data)
+    # Without data (benchmarks of the step alone) there is no iterator or evaluation.
+    self.corpus = data_lib.load_corpus(config.data) if load_data else None
     self.mesh = sharding_lib.make_mesh(config.mesh.shape, devices)
     self.rules = sharding_lib.rules_from(config.mesh.rules)
     self.model = TransformerLM(config.model)
@@ -210,9 +219,20 @@ def _state_summary(router_state) -> dict:
   return stats
 
 
+def check_profile_steps(profile_steps: Optional[tuple[int, int]], num_steps: int) -> None:
+  """Steps A to B-1 of a run of ``num_steps``: 0 <= A < B <= num_steps."""
+  if profile_steps is None:
+    return
+  first, stop = profile_steps
+  if not 0 <= first < stop <= num_steps:
+    raise ConfigError(f"profile_steps={first}:{stop}; allowed: A:B with 0 <= A < B <= "
+                      f"train.num_steps ({num_steps}), tracing steps A to B-1")
+
+
 def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int] = None,
                        strict_resume: bool = False,
-                       allow_config_change: Sequence[str] = ()) -> RunSummary:
+                       allow_config_change: Sequence[str] = (),
+                       profile_steps: Optional[tuple[int, int]] = None) -> RunSummary:
   """Trains (resuming from ``workdir`` if it holds checkpoints) and evaluates.
 
   ``stop_after_steps`` ends this invocation after that many steps with a
@@ -221,11 +241,13 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int
   A resume refuses a config that differs from the recorded one, except in the
   fields (or ``section.*`` patterns) that ``allow_config_change`` lists; a
   latest checkpoint that fails to restore is set aside for the previous one
-  unless ``strict_resume``.
+  unless ``strict_resume``. ``profile_steps=(A, B)`` traces steps A to B-1 (counted
+  from 0) into ``<workdir>/profile`` and prints their top device kernels.
   """
   run = _Run(config, workdir)   # every config error is raised here, before anything is written
   config = run.config
   tcfg = config.train
+  check_profile_steps(profile_steps, tcfg.num_steps)
   chief = jax.process_index() == 0
   lock = workdir_lib.WorkdirLock(workdir) if chief else None
   if lock is not None:
@@ -239,7 +261,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int
       record = record_config(run.config, run.state_shapes, workdir,
                              checkpointer.latest_step() is not None, allow_config_change, _say)
       summary = _train(run, workdir, checkpointer, signals, stop_after_steps, strict_resume,
-                       record)
+                       record, profile_steps)
   finally:
     if checkpointer is not None:
       checkpointer.close()
@@ -249,7 +271,8 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: Optional[int
 
 
 def _train(run: _Run, workdir: str, checkpointer: Checkpointer, signals: StopSignals,
-           stop_after_steps: Optional[int], strict_resume: bool, record: dict) -> RunSummary:
+           stop_after_steps: Optional[int], strict_resume: bool, record: dict,
+           profile_steps: Optional[tuple[int, int]]) -> RunSummary:
   config, tcfg = run.config, run.config.train
   entropy = data_lib.unigram_entropy_bits(run.corpus.train)
   iterator = run.train_iterator()
@@ -264,19 +287,32 @@ def _train(run: _Run, workdir: str, checkpointer: Checkpointer, signals: StopSig
       _say(note)
     _say(f"resuming from step {start} in {checkpointer.directory}")
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
-  _say(f"model: {num_params / 1e6:.2f}M parameters; devices: {jax.device_count()} "
-       f"({jax.default_backend()}); mesh {dict(run.mesh.shape)}")
+  flop_count = flops_lib.model_flops_per_token(config.model, config.data.seq_len,
+                                               batch_size=config.data.batch_size)
+  device_kind = jax.devices()[0].device_kind
+  peak = flops_lib.peak_tflops(device_kind)
+  _say(f"model: {num_params / 1e6:.2f}M parameters; {flop_count.describe()}; devices: "
+       f"{jax.device_count()} ({jax.default_backend()}); mesh {dict(run.mesh.shape)}; "
+       + (f"{device_kind}: peak {peak:g} bf16 TFLOP/s a device" if peak else
+          f"{device_kind}: bf16 peak unknown (no MFU)"))
+  perf = functools.partial(flops_lib.throughput, flops_per_token=flop_count.total,
+                           num_devices=jax.device_count(), peak=peak)
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  logger = MetricLogger(workdir, tcfg.num_steps, tokens_per_step, is_chief=jax.process_index() == 0)
+  logger = MetricLogger(workdir, tcfg.num_steps, tokens_per_step,
+                        is_chief=jax.process_index() == 0, rate_metrics=perf)
   logger.truncate_after(start)
   if start == 0:
     logger.log_text("config", "```\n" + json.dumps(record, indent=2) + "\n```")
   end = tcfg.num_steps if stop_after_steps is None else min(
       tcfg.num_steps, start + stop_after_steps)
   try:
-    state, stopped_by = _train_steps(run, state, iterator, start, end, checkpointer, logger,
-                                     signals)
+    profiler = profiling.StepProfiler(profile_steps, _profile_dir(workdir), _say)
+    try:
+      state, stopped_by = _train_steps(run, state, iterator, start, end, checkpointer, logger,
+                                       signals, perf, profiler)
+    finally:
+      profiler.close()
     signals.restore()   # from here on (the final evaluation), a signal acts as usual
     final = int(jax.device_get(state.step))
     if stopped_by is not None:
@@ -304,8 +340,15 @@ def _train(run: _Run, workdir: str, checkpointer: Checkpointer, signals: StopSig
                     checkpointer.directory, plots)
 
 
+def _profile_dir(workdir: str) -> str:
+  directory = os.path.join(workdir, "profile")
+  if jax.process_count() > 1:
+    directory = os.path.join(directory, f"process_{jax.process_index()}")
+  return directory
+
+
 def _train_steps(run: _Run, state, iterator, start: int, end: int, checkpointer: Checkpointer,
-                 logger: MetricLogger, signals: StopSignals):
+                 logger: MetricLogger, signals: StopSignals, perf, profiler):
   """Steps ``start`` to ``end`` (fewer when a signal stops them); returns the
   state and the signal that stopped them, if one did."""
   tcfg = run.config.train
@@ -313,7 +356,7 @@ def _train_steps(run: _Run, state, iterator, start: int, end: int, checkpointer:
     return state, None
   base_rng = jax.random.key(run.config.seed + 1)
   first_batch = run.global_batch(next(iterator))
-  _say("compiling the train step...")
+  _say(f"compiling the train step (attention: {run.attention})...")
   began = time.perf_counter()
   with run.context():
     train_step = run.train_step.lower(state, first_batch, base_rng).compile()
@@ -326,7 +369,9 @@ def _train_steps(run: _Run, state, iterator, start: int, end: int, checkpointer:
   with run.context():
     for step in range(start, end):
       batch = first_batch if step == start else run.global_batch(next(iterator))
+      profiler.before_step(step)
       state, metrics = train_step(state, batch, base_rng)
+      profiler.after_step(step, (state, metrics))
       sums, summed = (metrics if sums is None else _add(sums, metrics)), summed + 1
       if pending is not None:
         _check_finite(*pending, checkpointer)
@@ -340,11 +385,17 @@ def _train_steps(run: _Run, state, iterator, start: int, end: int, checkpointer:
         host = _host_means(sums, summed)
         host["learning_rate"] = float(run.schedule(done - 1))
         host.update(_host_means(run.state_summary(state.router_state), 1))
+        memory = profiling.peak_memory_bytes(jax.local_devices())
+        if memory is not None:
+          host["perf/peak_memory_gib"] = memory / 2**30
         sums, summed = None, 0
         rate = logger.log(done, host)
+        rates = {} if rate.tokens_per_sec is None else perf(rate.tokens_per_sec)
         _say(format_progress(done, tcfg.num_steps, host["loss"], rate.tokens_per_sec,
                              rate.eta_seconds,
-                             {"lr": host["learning_rate"], "grad norm": host["grad_norm"]}))
+                             {"lr": host["learning_rate"], "grad norm": host["grad_norm"]},
+                             model_tflops=rates.get("perf/model_tflops_per_sec"),
+                             mfu=rates.get("perf/mfu")))
       if done % tcfg.eval_every == 0 and done != tcfg.num_steps and not stop:
         heldout = run.evaluate(state, tcfg.eval_batches)
         logger.log(done, {"eval/loss": heldout.loss, "eval/bits_per_byte": heldout.bits_per_byte,

@@ -106,13 +106,26 @@ def _format_value(value: Any) -> str:
   return str(value)
 
 
+def _format_flops(model_tflops: float | None, mfu: float | None) -> list[str]:
+  if mfu is not None:
+    return [f"MFU {mfu:.0%}" if mfu >= 0.1 else f"MFU {mfu:.1%}"]
+  if model_tflops is not None:
+    return [f"{model_tflops:.3g} TFLOP/s"]
+  return []
+
+
 def format_progress(step: int, total_steps: int, loss: float,
                     tokens_per_sec: float | None, eta_seconds: float | None,
-                    extra: Mapping[str, Any] | None = None) -> str:
-  """E.g. `step   120/600 | loss 2.3145 | 41.2k tok/s | ETA 3m12s`."""
+                    extra: Mapping[str, Any] | None = None, *,
+                    model_tflops: float | None = None, mfu: float | None = None) -> str:
+  """E.g. `step   120/600 | loss 2.3145 | 41.2k tok/s | MFU 31% | ETA 3m12s`.
+
+  The model FLOP rate shows as MFU when known, else as TFLOP/s.
+  """
   width = max(5, len(str(total_steps)))
   parts = [f"step {step:>{width}d}/{total_steps}", f"loss {float(loss):.4f}",
-           _format_rate(tokens_per_sec), f"ETA {_format_duration(eta_seconds)}"]
+           _format_rate(tokens_per_sec), *_format_flops(model_tflops, mfu),
+           f"ETA {_format_duration(eta_seconds)}"]
   parts += [f"{k} {_format_value(v)}" for k, v in (extra or {}).items()]
   return " | ".join(parts)
 
@@ -135,12 +148,14 @@ class MetricLogger:
   """Writes metrics of a (possibly resumed) run; no-op unless `is_chief`."""
 
   def __init__(self, workdir: str | os.PathLike[str], total_steps: int,
-               tokens_per_step: int, is_chief: bool = True):
+               tokens_per_step: int, is_chief: bool = True,
+               rate_metrics: Callable[[float], Mapping[str, float]] | None = None):
     self.workdir = pathlib.Path(workdir)
     self.jsonl_path = self.workdir / JSONL_NAME
     self.tensorboard_dir = self.workdir / TENSORBOARD_DIR
     self.total_steps = total_steps
     self.is_chief = is_chief
+    self.rate_metrics = rate_metrics
     self.timer = StepTimer(total_steps, tokens_per_step)
     self._jsonl = None
     self._writer = None
@@ -165,7 +180,8 @@ class MetricLogger:
     """Logs scalars / 1-D arrays (numpy, jax, lists) / strings for `step`.
 
     Also ticks `self.timer` (on every process) and returns its Rate; when
-    known, the rate is logged too, as `perf/tokens_per_sec`.
+    known, the rate is logged too, as `perf/tokens_per_sec`, with what
+    `rate_metrics(tokens_per_sec)` derives from it (e.g. model TFLOP/s, MFU).
     """
     step = int(step)
     rate = self.timer.update(step)
@@ -175,6 +191,8 @@ class MetricLogger:
     record.update((k, _to_json_value(k, v)) for k, v in metrics.items())
     if rate.tokens_per_sec is not None:
       record["perf/tokens_per_sec"] = rate.tokens_per_sec
+      if self.rate_metrics is not None:
+        record.update(self.rate_metrics(rate.tokens_per_sec))
     writer = self._tb_writer()
     for name, value in record.items():
       if name == "step" or isinstance(value, str):
