@@ -15,10 +15,11 @@ def test_readme_python_example_runs():
     assert set(scope["state"]["moe"]) == {"aux_loss", "metrics"}
 
 
-def test_readme_names_only_flags_that_exist():
+def test_readme_and_runs_doc_name_only_flags_that_exist():
   from absl import flags  # pylint: disable=g-import-not-at-top
   import experiments.train  # pylint: disable=g-import-not-at-top,unused-import
-  named = set(re.findall(r"`[^`\n]*?--([a-z_]+)", README.read_text()))
+  text = README.read_text() + (README.parent / "docs" / "runs.md").read_text()
+  named = set(re.findall(r"`[^`\n]*?--([a-z_]+)", text))
   named -= {"config"}      # --config.<path> overrides
   known = set(flags.FLAGS)
   assert named and named <= known, sorted(named - known)

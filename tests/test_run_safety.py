@@ -66,8 +66,7 @@ def test_final_evaluation_covers_the_whole_heldout_split(finished_run):
   assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_NAME))
 
 
-def test_sigterm_saves_the_step_in_flight_and_resumes_identically(tmp_path, finished_run):
-  del finished_run  # its compiles warm nothing here; it only orders the module's runs
+def test_sigterm_saves_the_step_in_flight_and_resumes_identically(tmp_path):
   config_file = write_config(tmp_path, steps=10_000)
   workdir = tmp_path / "run"
   proc = subprocess.Popen(train_command(config_file, workdir), cwd=REPO, text=True,

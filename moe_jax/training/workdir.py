@@ -30,6 +30,7 @@ import difflib
 import importlib.metadata
 import json
 import os
+import pathlib
 import shlex
 import socket
 import subprocess
@@ -177,10 +178,7 @@ class WorkdirLock:
       return
     if holder is not None and (holder.host, holder.pid, holder.started) == (
         ours.host, ours.pid, ours.started):
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      pathlib.Path(self.path).unlink(missing_ok=True)
 
   def __enter__(self) -> WorkdirLock:
     self.acquire()
