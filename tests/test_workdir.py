@@ -176,7 +176,8 @@ def test_lock_of_live_process_is_refused_then_taken_over(tmp_path, sleeper):
   lock.release()
 
 
-def test_one_of_many_concurrent_takers_wins(tmp_path):
+@pytest.mark.parametrize("attempt", range(10))  # A race: several tries.
+def test_one_of_many_concurrent_takers_wins(tmp_path, attempt):
   path = os.path.join(str(tmp_path), "run.lock")
   _write_lock(path, pid=_dead_pid())
   locks = [wd.WorkdirLock(str(tmp_path)) for _ in range(8)]
@@ -200,6 +201,20 @@ def test_one_of_many_concurrent_takers_wins(tmp_path):
   assert outcomes.count("refused") == len(locks) - 1
   assert os.listdir(tmp_path) == ["run.lock"]
   locks[outcomes.index("won")].release()
+
+
+def test_a_takeover_in_progress_is_named(tmp_path):
+  lock = wd.WorkdirLock(str(tmp_path))
+  _write_lock(lock.path, pid=_dead_pid())
+  with open(lock.path + ".takeover", "w"):
+    pass
+  with pytest.raises(wd.WorkdirInUse, match=r"taking over the stale lock right now"
+                     r".*run\.lock\.takeover exists"):
+    lock.acquire()
+  os.remove(lock.path + ".takeover")
+  assert "stale lock" in lock.acquire()
+  assert sorted(os.listdir(tmp_path)) == ["run.lock"]
+  lock.release()
 
 
 def test_taker_does_not_remove_a_lock_that_replaced_the_stale_one(tmp_path, monkeypatch):

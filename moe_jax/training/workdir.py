@@ -9,8 +9,9 @@ Two things keep a workdir honest:
   stale only when we can tell its process is gone: same host, and the pid no
   longer exists, is a zombie, or now belongs to a process that started later
   (pid reuse). A lock from another host is never taken over: its liveness
-  cannot be checked from here. In a multi-process run only one process (the
-  chief) should take the lock.
+  cannot be checked from here. Runs taking over the same stale lock at once
+  serialise on ``run.lock.takeover``; one wins. In a multi-process run only
+  one process (the chief) should take the lock.
 
 * ``config.json``: the config a run was started with (and the library
   versions it ran under). On resume the new config is compared field by field
@@ -95,6 +96,10 @@ def _parse_holder(raw: bytes) -> _Holder | None:
     return None
   return _Holder(host, pid, pid_start, str(data.get("started", "at an unknown time")),
                  tuple(str(a) for a in argv))
+
+
+def _lock_bytes(holder: _Holder) -> bytes:
+  return json.dumps(holder.to_json(), indent=2).encode("utf-8") + b"\n"
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -187,18 +192,22 @@ class WorkdirLock:
   def __exit__(self, *exc_info) -> None:
     self.release()
 
+  @staticmethod
+  def _new_holder() -> _Holder:
+    pid = os.getpid()
+    return _Holder(socket.gethostname(), pid, _process_start(pid), _now(),
+                   tuple(str(a) for a in sys.argv))
+
   def _create(self) -> bool:
     """Creates the lock file as ours; False if one already exists."""
-    pid = os.getpid()
-    holder = _Holder(socket.gethostname(), pid, _process_start(pid), _now(),
-                     tuple(str(a) for a in sys.argv))
+    holder = self._new_holder()
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
     try:
       with os.fdopen(fd, "wb") as f:
-        f.write(json.dumps(holder.to_json(), indent=2).encode("utf-8") + b"\n")
+        f.write(_lock_bytes(holder))
         f.flush()
         os.fsync(f.fileno())
     except BaseException:
@@ -234,29 +243,38 @@ class WorkdirLock:
             f"(started {holder.started}; {gone})")
 
   def _take_over(self, raw: bytes) -> bool:
-    """Replaces the stale lock file (content `raw`) with ours; False if we lost."""
-    aside = f"{self.path}.stale.{os.getpid()}"
+    """Replaces the stale lock (content `raw`) with ours; False if it changed.
+
+    Takers of a stale lock serialise on ``<lock>.takeover`` (created
+    exclusively), and the lock file is replaced by one rename, so it never goes
+    missing: a run starting meanwhile finds a lock and judges it, instead of
+    creating its own beside ours.
+    """
+    mutex = self.path + ".takeover"
     try:
-      # Of several processes taking over the same stale lock, one rename wins.
-      os.rename(self.path, aside)
-    except FileNotFoundError:
-      return False
-    with open(aside, "rb") as f:
-      moved = f.read()
-    if moved != raw:
-      # Between our read and our rename, another taker replaced the stale lock
-      # with its own live one: put that back (without clobbering a newer one).
+      os.close(os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
       try:
-        os.link(aside, self.path)
-      except FileExistsError:
-        pass
-      except OSError:  # No hard links on this filesystem.
-        os.rename(aside, self.path)
+        age = f"{time.time() - os.stat(mutex).st_mtime:.0f} s old"
+      except FileNotFoundError:
+        return False  # Its taker just finished: judge the lock again.
+      raise WorkdirInUse(
+          f"{self.workdir}: another run is taking over the stale lock right now "
+          f"({mutex} exists, {age}). Wait for it, or use another --workdir; if no "
+          f"run is starting on {self.workdir}, delete {mutex}.") from None
+    try:
+      try:
+        with open(self.path, "rb") as f:
+          if f.read() != raw:
+            return False  # Another taker replaced it first.
+      except FileNotFoundError:
         return False
-      os.remove(aside)
-      return False
-    os.remove(aside)
-    return self._create()
+      holder = self._new_holder()
+      atomic_write(self.path, _lock_bytes(holder))
+      self._ours = holder
+      return True
+    finally:
+      os.remove(mutex)
 
 
 # ----------------------------------------------------------------------------
